@@ -1,0 +1,66 @@
+"""The executor contract: four async methods that every environment executor implements.
+
+The runtime sends command frames (``run_task``, ``cancel_task``, ``shutdown``) and receives event frames
+(``task_started``, ``heartbeat``, ``task_result``, ``task_error``, ``task_cancelled``). An executor never
+resolves runs itself; it only moves frames. That keeps custom executors small: subclass, fill the four methods.
+
+Command frames::
+
+    {"type": "run_task", "run_id", "task_id", "task_name", "callable", "args": {kw: value}, "delivery": {...}}
+    {"type": "cancel_task", "run_id", "task_id"}
+    {"type": "shutdown"}
+
+Event frames all carry ``type`` and ``run_id`` (and ``task_id`` when known)::
+
+    task_started   {"host"?, "pid"?}
+    heartbeat      {}
+    task_result    {"result"}
+    task_error     {"exception"?, "error": {"kind", "message", "traceback", "retryable", "source"}}
+    task_cancelled {}
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from wove._types import Frame
+
+
+class EnvironmentExecutor(abc.ABC):
+    """Moves frames between the runtime and the place where an environment's tasks run."""
+
+    @abc.abstractmethod
+    async def start(
+        self,
+        *,
+        environment_name: str,
+        environment_config: Mapping[str, Any],
+        run_config: Mapping[str, Any],
+    ) -> None:
+        """Acquire resources (pools, servers, clients). Called once before any ``send``."""
+
+    @abc.abstractmethod
+    async def send(self, frame: Frame) -> None:
+        """Accept one command frame. Must not wait for the task to finish."""
+
+    @abc.abstractmethod
+    async def recv(self) -> Frame:
+        """Return the next event frame, waiting until one exists."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Release resources. Must be safe to call twice and after a failed ``start``."""
+
+    async def __aenter__(self) -> EnvironmentExecutor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
