@@ -16,7 +16,8 @@
     │   ├── SubmitError                      the backend refused or failed a submission
     │   ├── DeliveryTimeoutError (TimeoutError)
     │   ├── DeliveryLostError                no frame within the heartbeat window
-    │   └── OrphanedRunError                 the run was pending when its executor stopped
+    │   ├── OrphanedRunError                 the run was pending when its executor stopped
+    │   └── RunCancelledError                the backend cancelled a run nobody here asked to cancel
     ├── RemoteTaskError                      a remote exception that could not be rebuilt locally
     └── PayloadError (ValueError)            a payload or frame that cannot be decoded
 """
@@ -110,6 +111,10 @@ class DeliveryLostError(DispatchError):
 
 class OrphanedRunError(DispatchError):
     """The run was still pending when its executor stopped; the orphan policy decided its end."""
+
+
+class RunCancelledError(DispatchError):
+    """The backend reported the run cancelled (an operator or scheduler did it, not this weave)."""
 
 
 class RemoteTaskError(WoveError):

@@ -1,0 +1,335 @@
+"""The executor runtime: one event loop thread per process that owns every environment's executor.
+
+Weaves run in whatever thread and loop their caller has; executors (callback servers, client pools, worker
+processes) must live in one loop and outlive any single weave. So the runtime keeps them on its own daemon
+thread, started on first use, and weaves hand it ``RunRequest`` objects through thread-safe futures.
+A second weave that uses a started environment pays nothing to start it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from wove.config import Settings, current_settings, on_change
+from wove.environment.base import EnvironmentExecutor
+from wove.environment.local import LocalEnvironmentExecutor
+from wove.environment.runs import PendingRun, Requeue, RunRequest, RunTable, orphaned_error
+from wove.errors import BackendUnavailableError, ConfigError, SubmitError, WoveError
+
+logger = logging.getLogger("wove.runtime")
+
+#: Seconds a cancelled weave waits for a ``require_ack`` environment to confirm the cancellation.
+CANCEL_ACK_TIMEOUT = 30.0
+#: Seconds ``shutdown`` gives each executor to stop.
+STOP_TIMEOUT = 30.0
+
+
+def create_executor(environment: str, spec: Any) -> EnvironmentExecutor:
+    """Turn an environment's ``executor`` setting into an executor instance."""
+    if isinstance(spec, EnvironmentExecutor):
+        return spec
+    if spec == "local":
+        return LocalEnvironmentExecutor()
+    if isinstance(spec, str):
+        from wove.environment.remote import BackendAdapterEnvironmentExecutor
+
+        return BackendAdapterEnvironmentExecutor(environment)
+    made = spec() if callable(spec) else None
+    if not isinstance(made, EnvironmentExecutor):
+        raise ConfigError(
+            f"environment {environment!r}: executor must be a name, an EnvironmentExecutor subclass or instance, "
+            f"or a factory returning one; got {spec!r}"
+        )
+    return made
+
+
+class _InFlight:
+    """Counts an environment's in-flight runs; a run with limit N waits until fewer than N are in flight."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, limit: int | None) -> None:
+        while limit is not None and self.count >= limit:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((limit, waiter))
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((limit, waiter))
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+        for limit, waiter in self._waiters:
+            if not waiter.done() and self.count < limit:
+                waiter.set_result(None)
+                break
+
+
+@dataclass
+class _Environment:
+    name: str
+    definition: Mapping[str, Any]
+    executor: EnvironmentExecutor
+    in_flight: _InFlight = field(default_factory=_InFlight)
+    starting: asyncio.Task[None] | None = None
+    receiver: asyncio.Task[None] | None = None
+    stopped: bool = False
+
+
+@dataclass
+class RunHandle:
+    """A submitted run as the weave sees it: its outcome, and a signal once the runtime is done with it."""
+
+    result: concurrent.futures.Future[Any]
+    finished: concurrent.futures.Future[None]
+
+
+class ExecutorRuntime:
+    """Multiplexes runs from every weave over the environments' executors."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._environments: dict[str, _Environment] = {}
+        self._runs = RunTable(self._send_cancel_soon)
+
+    # -- thread and loop ----------------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is not None:
+                return self._loop
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def serve() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            thread = threading.Thread(target=serve, name="wove-runtime", daemon=True)
+            thread.start()
+            ready.wait()
+            self._loop, self._thread = loop, thread
+            return loop
+
+    @property
+    def started_environments(self) -> tuple[str, ...]:
+        """Names of the environments whose executors are running."""
+        return tuple(name for name, env in self._environments.items() if env.starting and env.starting.done())
+
+    def submit(self, request: RunRequest) -> RunHandle:
+        """Hand one run to its environment; thread-safe, returns at once."""
+        loop = self._ensure_loop()
+        finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        result = asyncio.run_coroutine_threadsafe(self._dispatch(request, finished), loop)
+        return RunHandle(result, finished)
+
+    def call(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the runtime loop from another thread and wait for it."""
+        loop = self._ensure_loop()
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    # -- environments -------------------------------------------------------------------------------------------
+
+    async def _environment(self, name: str) -> _Environment:
+        env = self._environments.get(name)
+        if env is None or env.stopped:
+            settings = current_settings()
+            definition = settings.environment(name)
+            env = _Environment(name, definition, create_executor(name, definition.get("executor", "local")))
+            self._environments[name] = env
+            env.starting = asyncio.get_running_loop().create_task(self._start(env, settings))
+        assert env.starting is not None
+        await asyncio.shield(env.starting)
+        return env
+
+    async def _start(self, env: _Environment, settings: Settings) -> None:
+        run_config = {"default_environment": settings.default_environment, "defaults": dict(settings.defaults)}
+        config = dict(env.definition)
+        config.setdefault("executor_config", {})
+        try:
+            await env.executor.start(environment_name=env.name, environment_config=config, run_config=run_config)
+        except BaseException as exc:
+            env.stopped = True
+            if self._environments.get(env.name) is env:
+                del self._environments[env.name]
+            with contextlib.suppress(Exception):
+                await env.executor.stop()
+            if isinstance(exc, (WoveError, ValueError, ImportError, asyncio.CancelledError)):
+                raise
+            raise BackendUnavailableError(
+                f"environment {env.name!r} failed to start: {type(exc).__name__}: {exc}", environment=env.name
+            ) from exc
+        env.receiver = asyncio.get_running_loop().create_task(self._receive(env))
+        logger.debug("environment %r started", env.name)
+
+    async def _receive(self, env: _Environment) -> None:
+        while True:
+            try:
+                frame = await env.executor.recv()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.error("environment %r: executor failed while receiving: %r", env.name, exc)
+                self._retire(env, f"its executor failed ({type(exc).__name__}: {exc})", may_requeue=True)
+                return
+            try:
+                self._runs.on_frame(env.name, frame)
+            except Exception:
+                logger.exception("environment %r: error while handling a frame; the frame was dropped", env.name)
+
+    def _retire(self, env: _Environment, why: str, *, may_requeue: bool) -> None:
+        """Take an environment out of service; its pending runs meet their orphan policy."""
+        env.stopped = True
+        if self._environments.get(env.name) is env:
+            del self._environments[env.name]
+        for run in self._runs.pending(env.name):
+            self._runs.orphan(run, orphaned_error(run, why), may_requeue=may_requeue)
+
+    async def _stop_environment(self, env: _Environment, why: str, *, may_requeue: bool) -> None:
+        self._retire(env, why, may_requeue=may_requeue)
+        if env.starting is not None and not env.starting.done():
+            env.starting.cancel()
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(env.executor.send({"type": "shutdown"}), STOP_TIMEOUT)
+            await asyncio.wait_for(env.executor.stop(), STOP_TIMEOUT)
+        except Exception as exc:
+            logger.warning("environment %r did not stop cleanly: %r", env.name, exc)
+        if env.receiver is not None:
+            env.receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await env.receiver
+
+    async def stop_environments(self, names: list[str] | None = None, *, why: str = "wove shut down") -> None:
+        """Stop some (default: all) environments; each pending run meets its orphan policy."""
+        chosen = [env for name, env in list(self._environments.items()) if names is None or name in names]
+        may_requeue = names is not None
+        await asyncio.gather(*(self._stop_environment(env, why, may_requeue=may_requeue) for env in chosen))
+
+    # -- runs -----------------------------------------------------------------------------------------------------
+
+    def _send_cancel_soon(self, run: PendingRun) -> None:
+        run.cancel_requested = True
+        env = self._environments.get(run.request.environment)
+        if env is None or env.stopped:
+            return
+        frame = {"type": "cancel_task", "run_id": run.run_id, "task_id": run.request.task_id}
+        task = asyncio.get_running_loop().create_task(env.executor.send(frame))
+        task.add_done_callback(_log_failure)
+
+    async def _dispatch(self, request: RunRequest, finished: concurrent.futures.Future[None]) -> Any:
+        try:
+            while True:
+                env = await self._environment(request.environment)
+                await env.in_flight.acquire(request.delivery.get("max_in_flight"))
+                try:
+                    return await self._run_once(env, request)
+                except Requeue:
+                    continue
+                finally:
+                    env.in_flight.release()
+        finally:
+            finished.set_result(None)
+
+    async def _run_once(self, env: _Environment, request: RunRequest) -> Any:
+        run = self._runs.open(request)
+        try:
+            await env.executor.send(run.frame())
+        except Exception as exc:
+            self._runs.close(run)
+            request.record.status = "failed"
+            if isinstance(exc, SubmitError):
+                raise
+            raise SubmitError(
+                f"environment {env.name!r} did not accept task {request.task_name!r}: {type(exc).__name__}: {exc}",
+                environment=env.name,
+                run_id=run.run_id,
+            ) from exc
+        try:
+            return await asyncio.shield(run.future)
+        except asyncio.CancelledError:
+            if run.future.done():
+                raise
+            await self._cancel(run)
+            raise
+
+    async def _cancel(self, run: PendingRun) -> None:
+        """The weave gave up on this run: tell the executor, and wait for the ack if the policy requires one."""
+        self._send_cancel_soon(run)
+        if run.request.delivery.get("cancel_mode") == "require_ack":
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(run.future), CANCEL_ACK_TIMEOUT)
+            if not run.future.done():
+                logger.warning("run %s of task %r: no cancel acknowledgement", run.run_id, run.request.task_name)
+        run.request.record.status = "cancelled"
+        self._runs.close(run)
+        if not run.future.done():
+            run.future.cancel()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop every environment and the runtime thread; the next run starts them again."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        if thread is threading.current_thread():
+            raise WoveError("wove.shutdown() cannot be called from inside a running task")
+        try:
+            asyncio.run_coroutine_threadsafe(self.stop_environments(), loop).result(STOP_TIMEOUT * 2)
+        except Exception as exc:
+            logger.warning("environments did not stop cleanly: %r", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(STOP_TIMEOUT)
+        if not thread.is_alive():
+            loop.close()
+        self._environments.clear()
+
+    def _config_changed(self, old: Settings, new: Settings) -> None:
+        changed = [name for name in self._environments if old.environments.get(name) != new.environments.get(name)]
+        loop = self._loop
+        if changed and loop is not None:
+            asyncio.run_coroutine_threadsafe(
+                self.stop_environments(changed, why="its configuration changed"), loop
+            ).add_done_callback(_log_failure)
+
+
+def _log_failure(future: Any) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        logger.warning("background runtime operation failed: %r", exc)
+
+
+_runtime = ExecutorRuntime()
+on_change(_runtime._config_changed)
+atexit.register(_runtime.shutdown)
+
+
+def get_runtime() -> ExecutorRuntime:
+    """The process-wide runtime."""
+    return _runtime
+
+
+def shutdown() -> None:
+    """Stop every started environment (pending runs meet their orphan policy) and the runtime thread."""
+    _runtime.shutdown()

@@ -1,0 +1,132 @@
+"""What a weave leaves behind: each task's value or error, and a record of every run.
+
+``w.result.priced`` and ``w.result["priced"]`` give a task's value; ``w.result.final`` the last declared task's.
+In ``error_mode="return"`` a failed task's value access raises its exception, and ``w.result.errors`` maps task
+names to exceptions. ``w.result.records`` says where and when each attempt ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wove.errors import WoveError
+
+
+@dataclass
+class RunRecord:
+    """One attempt of one task (one item of a mapped task): where it ran and when.
+
+    Times are ``time.time()`` seconds. ``submitted_at`` is when the run was handed to its environment,
+    ``started_at`` when the worker reported it started, ``finished_at`` when its terminal event arrived.
+    """
+
+    task: str
+    environment: str
+    attempt: int
+    run_id: str | None = None
+    item: int | None = None
+    submitted_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    host: str | None = None
+    pid: int | None = None
+    submission: str | None = None
+    status: str = "pending"
+    error: BaseException | None = None
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds between submission and start."""
+        if self.submitted_at is None or self.started_at is None:
+            return None
+        return max(0.0, self.started_at - self.submitted_at)
+
+    @property
+    def run_time(self) -> float | None:
+        """Seconds between start and the terminal event."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return max(0.0, self.finished_at - self.started_at)
+
+
+_RESERVED = frozenset({"final", "errors", "records", "timeline", "names", "get"})
+
+
+class WeaveResult(Mapping[str, Any]):
+    """Task values by name, after the weave finished. Read-only."""
+
+    def __init__(
+        self,
+        order: tuple[str, ...],
+        values: dict[str, Any],
+        errors: dict[str, BaseException],
+        records: dict[str, list[RunRecord]],
+    ) -> None:
+        self._order = order
+        self._values = values
+        self._errors = errors
+        self._records = records
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._errors:
+            raise self._errors[name]
+        try:
+            return self._values[name]
+        except KeyError:
+            listed = ", ".join(self._order) or "none"
+            raise KeyError(f"no task named {name!r} in this weave (tasks: {listed})") from None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(str(exc.args[0])) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __repr__(self) -> str:
+        done = len(self._values)
+        return f"<WeaveResult tasks={len(self._order)} succeeded={done} failed={len(self._errors)}>"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Task names in declaration order."""
+        return self._order
+
+    @property
+    def final(self) -> Any:
+        """The value of the last declared task."""
+        if not self._order:
+            raise WoveError("this weave declared no tasks, so it has no final value")
+        return self[self._order[-1]]
+
+    @property
+    def errors(self) -> Mapping[str, BaseException]:
+        """Failed (and skipped) tasks and their exceptions; empty when everything succeeded."""
+        return dict(self._errors)
+
+    @property
+    def records(self) -> Mapping[str, list[RunRecord]]:
+        """Every attempt of every task, by task name."""
+        return self._records
+
+    def timeline(self) -> str:
+        """A plain-text table of every run: where it ran, its queue wait and its run time."""
+        rows = [("task", "environment", "attempt", "host:pid", "wait ms", "run ms", "status")]
+        for name in self._order:
+            for rec in self._records.get(name, []):
+                label = name if rec.item is None else f"{name}[{rec.item}]"
+                where = f"{rec.host or '?'}:{rec.pid or '?'}"
+                wait = "" if rec.queue_wait is None else f"{rec.queue_wait * 1000:.1f}"
+                run = "" if rec.run_time is None else f"{rec.run_time * 1000:.1f}"
+                rows.append((label, rec.environment, str(rec.attempt), where, wait, run, rec.status))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
