@@ -88,7 +88,8 @@ def _idempotency_key(key: str, value: Any) -> None:
 
 
 def _executor(key: str, value: Any) -> None:
-    if not isinstance(value, str) and not callable(value):
+    is_executor = all(hasattr(value, method) for method in ("start", "send", "recv", "stop"))
+    if not isinstance(value, str) and not callable(value) and not is_executor:
         raise ConfigError(f"{key} must be an executor name (e.g. 'local', 'process') or an executor class or instance")
     if isinstance(value, str) and not value:
         raise ConfigError(f"{key} must not be empty")

@@ -117,6 +117,24 @@ class RunCancelledError(DispatchError):
     """The backend reported the run cancelled (an operator or scheduler did it, not this weave)."""
 
 
+class CallbackError(DispatchError):
+    """A worker could not deliver a frame: the callback server refused it or stayed unreachable past the deadline."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        reason: str = "",
+        run_id: str | None = None,
+    ) -> None:
+        #: HTTP status of the last answer, or ``None`` when the server was never reached.
+        self.status = status
+        #: Machine-readable refusal reason from the server's JSON body (e.g. ``"run_not_pending"``).
+        self.reason = reason
+        super().__init__(message, run_id=run_id)
+
+
 class RemoteTaskError(WoveError):
     """A remote task failed with an exception that could not be rebuilt in this process."""
 

@@ -96,7 +96,7 @@ def _place(spec: TaskSpec, index: int, task_names: set[str], inputs: Mapping[str
         elif spec.mapped and item_param is None:
             item_param = param
         elif param not in spec.optional:
-            known = sorted(task_names | set(inputs))
+            known = sorted((task_names - {spec.name}) | set(inputs))
             raise MissingDependencyError(
                 f"task {spec.name!r}: parameter {param!r} names no task and no weave input "
                 f"(known: {', '.join(known) or 'none'})"
@@ -110,7 +110,7 @@ def _place(spec: TaskSpec, index: int, task_names: set[str], inputs: Mapping[str
             if spec.map_over in task_names:
                 upstream.append(spec.map_over)
             elif spec.map_over not in inputs:
-                known = sorted(task_names | set(inputs))
+                known = sorted((task_names - {spec.name}) | set(inputs))
                 raise MissingDependencyError(
                     f"mapped task {spec.name!r} maps over {spec.map_over!r}, which names no task and no weave input "
                     f"(known: {', '.join(known) or 'none'})"

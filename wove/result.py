@@ -81,10 +81,10 @@ class WeaveResult(Mapping[str, Any]):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError as exc:
-            raise AttributeError(str(exc.args[0])) from None
+        if name not in self._values and name not in self._errors:
+            listed = ", ".join(self._order) or "none"
+            raise AttributeError(f"no task named {name!r} in this weave (tasks: {listed})")
+        return self[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)

@@ -195,11 +195,11 @@ class ExecutorRuntime:
 
     def _retire(self, env: _Environment, why: str, *, may_requeue: bool) -> None:
         """Take an environment out of service; its pending runs meet their orphan policy."""
+        for run in self._runs.pending(env.name):  # before retiring, so "cancel" can still reach the executor
+            self._runs.orphan(run, orphaned_error(run, why), may_requeue=may_requeue)
         env.stopped = True
         if self._environments.get(env.name) is env:
             del self._environments[env.name]
-        for run in self._runs.pending(env.name):
-            self._runs.orphan(run, orphaned_error(run, why), may_requeue=may_requeue)
 
     async def _stop_environment(self, env: _Environment, why: str, *, may_requeue: bool) -> None:
         self._retire(env, why, may_requeue=may_requeue)

@@ -1,0 +1,18 @@
+"""Shared fixtures: every test starts from the built-in configuration and leaves no runtime behind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import wove
+from wove.config import reset
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wove() -> Iterator[None]:
+    reset()
+    yield
+    wove.shutdown()
+    reset()
