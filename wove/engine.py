@@ -78,23 +78,39 @@ class Plan:
 def plan_tasks(graph: Graph, weave_options: Mapping[str, Any], settings: Settings) -> dict[str, Plan]:
     """Resolve each task's environment and options (task -> weave -> environment -> global -> built-in)."""
     plans: dict[str, Plan] = {}
+    shared: dict[Any, Plan] = {}  # tasks with the same options share one plan; most have none
     for name, node in graph.nodes.items():
         opts = node.spec.options
-        env = opts.get("environment") or weave_options.get("environment") or settings.default_environment
-        settings.environment(env)  # UnknownEnvironmentError names the known ones, before anything runs
-        inline = env == settings.default_environment and settings.environment_setting(env, "executor") == "local"
-        delivery = {key[len("delivery_") :]: settings.resolve(key, env, opts, weave_options) for key in DELIVERY_KEYS}
-        pool = thread_pool(env, settings.environment_setting(env, "max_workers")) if inline else None
-        plans[name] = Plan(
-            environment=env,
-            inline=inline,
-            retries=settings.resolve("retries", env, opts, weave_options),
-            timeout=settings.resolve("timeout", env, opts, weave_options),
-            workers=settings.resolve("workers", env, opts, weave_options),
-            delivery=delivery,
-            pool=pool,
-        )
+        try:
+            key: Any = tuple(sorted(opts.items()))
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in shared:
+            plans[name] = shared[key]
+            continue
+        plans[name] = _plan(opts, weave_options, settings)
+        if key is not None:
+            shared[key] = plans[name]
     return plans
+
+
+def _plan(opts: Mapping[str, Any], weave_options: Mapping[str, Any], settings: Settings) -> Plan:
+    """Resolve one task's plan from its options, the weave's, and the configuration."""
+    env = opts.get("environment") or weave_options.get("environment") or settings.default_environment
+    settings.environment(env)  # UnknownEnvironmentError names the known ones, before anything runs
+    inline = env == settings.default_environment and settings.environment_setting(env, "executor") == "local"
+    delivery = {key[len("delivery_") :]: settings.resolve(key, env, opts, weave_options) for key in DELIVERY_KEYS}
+    pool = thread_pool(env, settings.environment_setting(env, "max_workers")) if inline else None
+    return Plan(
+        environment=env,
+        inline=inline,
+        retries=settings.resolve("retries", env, opts, weave_options),
+        timeout=settings.resolve("timeout", env, opts, weave_options),
+        workers=settings.resolve("workers", env, opts, weave_options),
+        delivery=delivery,
+        pool=pool,
+    )
 
 
 def _idempotency_key(spec: Any, task: str, args: Mapping[str, Any]) -> str | None:
