@@ -51,7 +51,7 @@ DELIVERY_KEYS = tuple(key for key in BUILTIN_DEFAULTS if key.startswith("deliver
 TASK_KEYS = ("retries", "timeout", "workers", "environment", *DELIVERY_KEYS)
 WEAVE_KEYS = ("environment", *BUILTIN_DEFAULTS)
 ENVIRONMENT_KEYS = (*ENVIRONMENT_ONLY_DEFAULTS, *BUILTIN_DEFAULTS)
-GLOBAL_KEYS = ("default_environment", "environments", *BUILTIN_DEFAULTS)
+GLOBAL_KEYS = ("default_environment", "environments", "progress", *BUILTIN_DEFAULTS)
 
 
 def _positive_number(key: str, value: Any) -> None:
@@ -144,6 +144,7 @@ class Settings:
         default_factory=lambda: MappingProxyType({"default": MappingProxyType({"executor": "local"})})
     )
     defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    progress: bool | None = None
 
     def environment(self, name: str) -> Mapping[str, Any]:
         """The configuration of one environment; ``UnknownEnvironmentError`` (a NameError) names the known ones."""
@@ -181,6 +182,7 @@ def _freeze_environment(name: str, definition: Any) -> Mapping[str, Any]:
 def build_settings(
     default_environment: str | None = None,
     environments: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
     **defaults: Any,
 ) -> Settings:
     """Validate arguments of ``wove.config`` and return the snapshot they describe."""
@@ -198,7 +200,11 @@ def build_settings(
         default_environment = "default" if "default" in frozen else next(iter(frozen), "default")
     if default_environment not in frozen:
         raise UnknownEnvironmentError(default_environment, list(frozen))
-    return Settings(default_environment, MappingProxyType(frozen), MappingProxyType(checked_defaults))
+    if progress is not None and not isinstance(progress, bool):
+        raise ConfigError(
+            f"progress must be True, False or None (show when the output is a terminal), got {progress!r}"
+        )
+    return Settings(default_environment, MappingProxyType(frozen), MappingProxyType(checked_defaults), progress)
 
 
 _lock = threading.Lock()
@@ -243,14 +249,16 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def config(
     default_environment: str | None = None,
     environments: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
     **defaults: Any,
 ) -> Settings:
     """Set the process-wide configuration and return it.
 
     With no arguments, loads ``WOVE_CONFIG`` from ``wove_config.py`` in the working directory or a parent.
     Each call replaces the whole configuration; environments whose definition changed are restarted on next use.
+    ``progress`` shows a progress line while remote tasks run (``None``: when standard error is a terminal).
     """
-    if default_environment is None and environments is None and not defaults:
+    if default_environment is None and environments is None and progress is None and not defaults:
         path = find_config_file()
         if path is None:
             raise ConfigError(
@@ -258,7 +266,7 @@ def config(
                 f"create one defining {CONFIG_VARIABLE} = {{...}}, or pass settings to wove.config(...)"
             )
         return config(**load_config_file(path))
-    new = build_settings(default_environment, environments, **defaults)
+    new = build_settings(default_environment, environments, progress, **defaults)
     global _settings
     with _lock:
         old, _settings = _settings, new

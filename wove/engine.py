@@ -31,6 +31,7 @@ from wove.errors import (
     UpstreamFailedError,
 )
 from wove.graph import Graph, Node
+from wove.progress import maybe_display
 from wove.result import RunRecord, WeaveResult
 
 _HOST = socket.gethostname()
@@ -126,7 +127,14 @@ def _idempotency_key(spec: Any, task: str, args: Mapping[str, Any]) -> str | Non
 class WeaveEngine:
     """One execution of one graph."""
 
-    def __init__(self, graph: Graph, inputs: Mapping[str, Any], plans: Mapping[str, Plan], error_mode: str) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        inputs: Mapping[str, Any],
+        plans: Mapping[str, Plan],
+        error_mode: str,
+        progress: bool | None = None,
+    ) -> None:
         self._graph = graph
         self._inputs = inputs
         self._plans = plans
@@ -140,6 +148,7 @@ class WeaveEngine:
         self._unfinished = len(graph.nodes)
         self._done: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
+        self._progress = progress
 
     async def run(self) -> WeaveResult:
         """Run every task; in raise mode, the first failure cancels the rest and is raised."""
@@ -150,10 +159,14 @@ class WeaveEngine:
         for name, count in self._waiting.items():
             if count == 0:
                 self._start(name)
+        remote = {plan.environment for plan in self._plans.values() if not plan.inline}
+        display = maybe_display(self._records, remote, self._progress)
         try:
             await self._done
         finally:
             await self._cancel_all()
+            if display is not None:
+                await display.stop()
         if self._failure is not None:
             raise self._failure
         return WeaveResult(self._graph.order, self._values, self._errors, self._records)

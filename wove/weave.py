@@ -92,7 +92,8 @@ class Weave:
         env = self._options.get("environment") or settings.default_environment
         error_mode = settings.resolve("error_mode", env, self._options)
         try:
-            self._result = await WeaveEngine(graph, self._inputs, plans, error_mode).run()
+            engine = WeaveEngine(graph, self._inputs, plans, error_mode, settings.progress)
+            self._result = await engine.run()
         finally:
             self._state = "done"
         return self._result
