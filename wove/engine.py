@@ -144,7 +144,7 @@ class WeaveEngine:
         self._errors: dict[str, BaseException] = {}
         self._records: dict[str, list[RunRecord]] = {name: [] for name in graph.order}
         self._waiting = {name: len(node.upstream) for name, node in graph.nodes.items()}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Future[Any]] = {}
         self._unfinished = len(graph.nodes)
         self._done: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
@@ -179,8 +179,52 @@ class WeaveEngine:
             await asyncio.gather(*running, return_exceptions=True)
 
     def _start(self, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_node(self._graph.nodes[name]))
-        self._tasks[name] = task
+        node = self._graph.nodes[name]
+        plan = self._plans[name]
+        if plan.inline and not plan.retries and plan.timeout is None and not node.spec.mapped:
+            self._start_direct(node, plan)
+            return
+        self._tasks[name] = asyncio.get_running_loop().create_task(self._run_node(node))
+
+    def _arguments(self, node: Node) -> dict[str, Any]:
+        args = {param: self._values[param] for param in node.task_args}
+        for param in node.input_args:
+            args[param] = self._inputs[param]
+        return args
+
+    def _start_direct(self, node: Node, plan: Plan) -> None:
+        """The common case (inline, one attempt, no timeout) without a wrapping task: most of a trivial
+        task's cost in a large weave was the wrapper, not the task."""
+        name = node.spec.name
+        record = RunRecord(name, plan.environment, 1, host=_HOST, pid=_PID, status="running")
+        record.submitted_at = record.started_at = time.time()
+        self._records[name].append(record)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any]
+        try:
+            if node.spec.is_async:
+                future = loop.create_task(node.spec.func(**self._arguments(node)))
+            else:
+                future = loop.run_in_executor(plan.pool, partial(node.spec.func, **self._arguments(node)))
+        except Exception as exc:  # the call itself failed, e.g. a TypeError from the arguments
+            record.finished_at, record.status, record.error = time.time(), "failed", exc
+            self._finish(name, exc)
+            return
+        self._tasks[name] = future
+        future.add_done_callback(partial(self._direct_done, name, record))
+
+    def _direct_done(self, name: str, record: RunRecord, future: asyncio.Future[Any]) -> None:
+        record.finished_at = time.time()
+        if future.cancelled():
+            record.status = "cancelled"
+            return
+        error = future.exception()
+        if error is None:
+            record.status = "succeeded"
+            self._values[name] = future.result()
+        else:
+            record.status, record.error = "failed", error
+        self._finish(name, error)
 
     def _finish(self, name: str, error: BaseException | None) -> None:
         assert self._done is not None
@@ -206,9 +250,7 @@ class WeaveEngine:
     async def _run_node(self, node: Node) -> None:
         name = node.spec.name
         try:
-            args = {param: self._values[param] for param in node.task_args}
-            for param in node.input_args:
-                args[param] = self._inputs[param]
+            args = self._arguments(node)
             if node.spec.mapped:
                 value = await self._run_mapped(node, args)
             else:
