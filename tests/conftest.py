@@ -9,6 +9,8 @@ import pytest
 import wove
 from wove.config import reset
 
+pytest_plugins = ["tests.services.fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _fresh_wove() -> Iterator[None]:

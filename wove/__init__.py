@@ -15,8 +15,9 @@ w.result.final
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from wove.config import config
-from wove.environment import EnvironmentExecutor, LocalEnvironmentExecutor
 from wove.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -37,10 +38,32 @@ from wove.errors import (
     UpstreamFailedError,
     WoveError,
 )
-from wove.result import RunRecord, WeaveResult
 from wove.weave import Weave, weave
 
+if TYPE_CHECKING:
+    from wove.environment import EnvironmentExecutor, LocalEnvironmentExecutor
+    from wove.result import RunRecord, WeaveResult
+
 __version__ = "0.1.0"
+
+# Loaded on first access so that ``import wove`` stays cheap (worker processes import it on every cold start).
+_LAZY = {
+    "EnvironmentExecutor": "wove.environment.base",
+    "LocalEnvironmentExecutor": "wove.environment.local",
+    "RunRecord": "wove.result",
+    "WeaveResult": "wove.result",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wove' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def shutdown() -> None:

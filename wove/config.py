@@ -7,13 +7,14 @@ Every value is validated when it is given, so a typo fails at ``wove.config`` ti
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 from wove.errors import ConfigError, UnknownEnvironmentError
 
@@ -225,6 +226,8 @@ def on_change(listener: Callable[[Settings, Settings], None]) -> None:
 
 def find_config_file(start: Path | None = None) -> Path | None:
     """The nearest ``wove_config.py`` in ``start`` (default: the working directory) or a parent."""
+    from pathlib import Path
+
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         candidate = folder / CONFIG_FILENAME
@@ -235,6 +238,8 @@ def find_config_file(start: Path | None = None) -> Path | None:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """Import ``path`` and return its ``WOVE_CONFIG`` dict."""
+    import importlib.util
+
     spec = importlib.util.spec_from_file_location("_wove_user_config", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import {path}")
@@ -261,8 +266,10 @@ def config(
     if default_environment is None and environments is None and progress is None and not defaults:
         path = find_config_file()
         if path is None:
+            import os
+
             raise ConfigError(
-                f"wove.config() found no {CONFIG_FILENAME} in {Path.cwd()} or its parents; "
+                f"wove.config() found no {CONFIG_FILENAME} in {os.getcwd()} or its parents; "
                 f"create one defining {CONFIG_VARIABLE} = {{...}}, or pass settings to wove.config(...)"
             )
         return config(**load_config_file(path))

@@ -7,17 +7,18 @@ event loop (it then runs on a helper thread); ``async with weave()`` runs in the
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from wove.config import TASK_KEYS, WEAVE_KEYS, current_settings, validate_options
-from wove.engine import WeaveEngine, plan_tasks
 from wove.errors import GraphError, WoveError
-from wove.graph import TaskSpec, build_graph
-from wove.result import WeaveResult
+
+# The engine (asyncio, threads, the runtime) loads when a weave first runs, not at ``import wove``:
+# worker processes import this package too, and their cold start matters.
+if TYPE_CHECKING:
+    from wove.graph import TaskSpec
+    from wove.result import WeaveResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +53,8 @@ class Weave:
     def do(self, target: Any = None, /, **options: Any) -> Any:
         """Declare a task. ``@w.do``; ``@w.do(retries=2, timeout=5.0, environment="reports")``;
         ``@w.do("upstream", workers=4)`` maps the task over an upstream result, an input, or any iterable."""
+        from wove.graph import TaskSpec
+
         if callable(target) and not options:
             self._add(TaskSpec.from_function(target, {}))
             return target
@@ -85,6 +88,9 @@ class Weave:
     # -- running ----------------------------------------------------------------------------------------------
 
     async def _run(self) -> WeaveResult:
+        from wove.engine import WeaveEngine, plan_tasks
+        from wove.graph import build_graph
+
         self._state = "running"
         settings = current_settings()
         graph = build_graph(self._specs, self._inputs)
@@ -99,6 +105,9 @@ class Weave:
         return self._result
 
     def _run_sync(self) -> None:
+        import asyncio
+        import threading
+
         try:
             asyncio.get_running_loop()
         except RuntimeError:

@@ -186,7 +186,8 @@ class ExecutorRuntime:
                 raise
             except Exception as exc:
                 logger.error("environment %r: executor failed while receiving: %r", env.name, exc)
-                self._retire(env, f"its executor failed ({type(exc).__name__}: {exc})", may_requeue=True)
+                why = f"its executor failed ({type(exc).__name__}: {exc})"
+                await self._stop_environment(env, why, may_requeue=True)
                 return
             try:
                 self._runs.on_frame(env.name, frame)
@@ -211,7 +212,7 @@ class ExecutorRuntime:
             await asyncio.wait_for(env.executor.stop(), STOP_TIMEOUT)
         except Exception as exc:
             logger.warning("environment %r did not stop cleanly: %r", env.name, exc)
-        if env.receiver is not None:
+        if env.receiver is not None and env.receiver is not asyncio.current_task():
             env.receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await env.receiver
