@@ -1,0 +1,391 @@
+"""The callback server: an aiohttp receiver inside the submitting process that turns worker posts into frames.
+
+URLs (any path prefix before ``/wove/`` is ignored, so a reverse proxy may add one)::
+
+    POST /wove/events/<token>                          master URL: any run (the plain composition, in-process use)
+    POST /wove/runs/<run_id>/<credential>              run URL: frames of that pending run only
+    GET  /wove/runs/<run_id>/<credential>/blobs/<ref>  a by-reference payload body of that run
+    POST /wove/runs/<run_id>/<credential>/upload?offset=&total=   one part of a frame larger than max_body_size
+
+No request body may exceed ``max_body_size`` (413 with ``limit``, checked against Content-Length and while
+streaming, never buffered whole). A larger frame reaches a run URL in parts written straight into one buffer of its
+final size (at most ``max_frame_size``), then a bodiless request with ``X-Wove-Upload: <total>`` posts it.
+
+Every refusal happens before anything in the body is unpickled and answers JSON ``{"error": reason, "detail"}``:
+401 ``bad_credential``, 403 ``run_not_pending`` / ``run_mismatch``, 404 ``not_found`` / ``blob_not_found``, 405,
+413 ``body_too_large`` / ``frame_too_large``, 400 for malformed bodies (``bad_json``, ``bad_base64``, ``bad_pickle``,
+``bad_envelope``, ``bad_frame``, ``unknown_type``, ``missing_run_id``, ``incomplete_body``, ``bad_upload``,
+``upload_incomplete``).
+
+A run closes when the server accepts its first terminal frame, or when :meth:`close_run` is called. Later frames on
+its run URL are refused with ``run_not_pending``; on the master URL, repeated terminal frames of a resolved run are
+acknowledged and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+import socket
+import ssl
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import quote, unquote
+
+from aiohttp import web
+
+from wove._types import TERMINAL_EVENTS, Frame
+from wove.backend import codec
+from wove.backend.credentials import new_secret, new_token, run_credential, same_secret, verify_run_credential
+from wove.backend.delivery import UPLOAD_HEADER
+from wove.backend.streams import read_into, read_stream
+from wove.errors import BackendUnavailableError, ConfigError, DispatchError
+
+__all__ = ["BackendCallbackServer"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest request body accepted (a bigger one gets 413 without being buffered).
+MAX_BODY_SIZE = 64 * 1024 * 1024
+#: Listen backlog: many workers may finish at once.
+BACKLOG = 1024
+#: Largest frame a run URL assembles from parts (each part at most ``max_body_size``).
+MAX_FRAME_SIZE = 1 << 30
+#: Resolved run ids remembered to drop duplicate terminal frames posted to the master URL.
+RESOLVED_MEMORY = 100_000
+#: Bodies above this size are decoded and unpickled in a thread, keeping the event loop free.
+OFFLOAD_BYTES = 1 << 20
+#: Blob downloads are written in slices of this size.
+BLOB_CHUNK = 1 << 20
+
+_TOKEN = re.compile(r"[A-Za-z0-9_.~-]+")
+_JSON = {"Content-Type": "application/json"}
+_ACCEPTED = b'{"status":"accepted"}'
+_DUPLICATE = b'{"status":"duplicate"}'
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, reason: str, detail: str = "", **extra: Any) -> None:
+        self.status = status
+        self.reason = reason
+        self.detail = detail or reason.replace("_", " ")
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        body = json.dumps({"error": self.reason, "detail": self.detail, **self.extra}).encode()
+        return web.Response(status=self.status, body=body, headers=_JSON)
+
+
+class _Upload:
+    """A frame arriving in parts: one buffer of its final size, and which ranges have landed."""
+
+    def __init__(self, total: int) -> None:
+        self.buffer = bytearray(total)
+        self.received: dict[int, int] = {}
+
+    def complete(self) -> bool:
+        return sum(self.received.values()) == len(self.buffer)
+
+
+def _route(raw_path: str) -> tuple[str, str, str, str] | None:
+    """Split a request path into ``(kind, run_id, secret, blob_ref)``; ``None`` when it is not a wove path."""
+    seg = raw_path.split("?", 1)[0].split("/")
+    if len(seg) >= 7 and seg[-6] == "wove" and seg[-5] == "runs" and seg[-2] == "blobs":
+        return "blob", unquote(seg[-4]), seg[-3], unquote(seg[-1])
+    if len(seg) >= 6 and seg[-5] == "wove" and seg[-4] == "runs" and seg[-1] == "upload":
+        return "upload", unquote(seg[-3]), seg[-2], ""
+    if len(seg) >= 5 and seg[-4] == "wove" and seg[-3] == "runs":
+        return "run", unquote(seg[-2]), seg[-1], ""
+    if len(seg) >= 4 and seg[-3] == "wove" and seg[-2] == "events":
+        return "master", "", seg[-1], ""
+    return None
+
+
+class BackendCallbackServer:
+    """Small HTTP receiver that turns backend worker callbacks into executor frames.
+
+    ``public_url`` is the base URL workers use to reach this server when it differs from ``host:port`` (NAT, a
+    proxy); the server appends its own paths to it, and after :meth:`start` the attribute holds the base URL in use
+    either way. ``token`` fixes the master URL's secret (generated otherwise). HTTPS is served with ``ssl_context``,
+    or with one built from ``ssl_certfile``/``ssl_keyfile``.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        public_url: str | None = None,
+        token: str | None = None,
+        max_body_size: int = MAX_BODY_SIZE,
+        ssl_context: ssl.SSLContext | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        backlog: int = BACKLOG,
+        resolved_memory: int = RESOLVED_MEMORY,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> None:
+        if token is not None and not _TOKEN.fullmatch(token):
+            raise ConfigError("callback token may hold only letters, digits and '-', '_', '.', '~'")
+        if public_url is not None and not public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"public_url must start with http:// or https://, not {public_url!r}")
+        self.host = host
+        self.port = port
+        self.public_url = public_url
+        self.token = token or new_token()
+        self.max_body_size = max_body_size
+        self.max_frame_size = max_frame_size
+        if ssl_context is None and (ssl_certfile or ssl_keyfile):
+            if not ssl_certfile:
+                raise ConfigError("ssl_keyfile needs ssl_certfile too")
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(ssl_certfile, ssl_keyfile)
+        self.ssl_context = ssl_context
+        self.backlog = backlog
+        #: The master URL (any run); set by :meth:`start`. Keep it inside this process.
+        self.callback_url: str | None = None
+        self._secret = new_secret()
+        self._memory = resolved_memory
+        self._public_given = public_url is not None
+        self._base: str | None = public_url.rstrip("/") if public_url else None
+        self._runner: web.ServerRunner | None = None
+        self._queue: asyncio.Queue[Frame | None] | None = None
+        self._pending: dict[str, str] = {}  # run id -> its credential, computed once at open_run
+        self._resolved: OrderedDict[str, None] = OrderedDict()
+        self._blobs: dict[str, dict[str, bytes]] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._refs = itertools.count(1)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen for callbacks. A second call while running does nothing."""
+        if self._runner is not None:
+            return
+        server = web.Server(self._handle, access_log=None)
+        runner = web.ServerRunner(server, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, backlog=self.backlog)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise BackendUnavailableError(f"callback server cannot listen on {self.host}:{self.port}: {exc}") from exc
+        self._runner = runner
+        self._queue = asyncio.Queue()
+        if not self._public_given:
+            scheme = "https" if self.ssl_context else "http"
+            host = socket.gethostname() if self.host in ("", "0.0.0.0", "::") else self.host
+            host = f"[{host}]" if ":" in host else host
+            self._base = self.public_url = f"{scheme}://{host}:{runner.addresses[0][1]}"
+        self.callback_url = f"{self._base}/wove/events/{self.token}"
+        logger.debug("callback server listening on %s:%s", self.host, runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop listening and wake :meth:`recv`. Safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        await runner.cleanup()
+        self._pending.clear()
+        self._blobs.clear()
+        self._uploads.clear()
+        if self._queue is not None:
+            self._queue.put_nowait(None)
+
+    async def __aenter__(self) -> BackendCallbackServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def recv(self) -> Frame:
+        """Return the next event frame, in arrival order, waiting until one exists."""
+        if self._queue is None:
+            raise BackendUnavailableError("callback server is not running: call start() before recv()")
+        frame = await self._queue.get()
+        if frame is None:
+            self._queue.put_nowait(None)  # wake any other waiter too
+            raise BackendUnavailableError("callback server was stopped; no more frames")
+        return frame
+
+    # -- runs ---------------------------------------------------------------------------------------------------------
+
+    @property
+    def pending_runs(self) -> frozenset[str]:
+        """Run ids opened with :meth:`open_run` that have not resolved or closed."""
+        return frozenset(self._pending)
+
+    def open_run(self, run_id: str) -> str:
+        """Register a pending run and return its run-scoped callback URL (the one to put in its payload)."""
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError("run_id must be a non-empty string")
+        url = self.run_url(run_id)
+        self._pending[run_id] = url.rsplit("/", 1)[1]
+        self._resolved.pop(run_id, None)
+        return url
+
+    def run_url(self, run_id: str) -> str:
+        """The run-scoped callback URL of ``run_id`` (valid only while the run is pending)."""
+        if self._base is None:
+            raise BackendUnavailableError("callback server has no URL yet: call start() first or pass public_url")
+        return f"{self._base}/wove/runs/{quote(run_id, safe='')}/{run_credential(self._secret, run_id)}"
+
+    def close_run(self, run_id: str) -> None:
+        """Mark a run no longer pending: its URL stops working and its blobs are dropped."""
+        self._pending.pop(run_id, None)
+        self._blobs.pop(run_id, None)
+        self._uploads.pop(run_id, None)
+        self._remember(run_id)
+
+    def put_blob(self, run_id: str, data: bytes) -> str:
+        """Keep ``data`` for a pending run's worker to fetch; return its reference.
+
+        The blob is dropped when the run's ``task_started`` arrives (the worker has fetched its body by then) or when
+        the run closes.
+        """
+        if run_id not in self._pending:
+            raise DispatchError(f"run {run_id!r} is not pending: call open_run() first", run_id=run_id)
+        ref = str(next(self._refs))
+        self._blobs.setdefault(run_id, {})[ref] = data if isinstance(data, bytes) else bytes(data)
+        return ref
+
+    def _remember(self, run_id: str) -> None:
+        self._resolved[run_id] = None
+        self._resolved.move_to_end(run_id)
+        if len(self._resolved) > self._memory:
+            self._resolved.popitem(last=False)
+
+    # -- HTTP ---------------------------------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            route = _route(request.raw_path)
+            if route is None:
+                raise _Refusal(404, "not_found")
+            kind, run_id, secret, ref = route
+            if kind == "blob":
+                if request.method != "GET":
+                    raise _Refusal(405, "method_not_allowed")
+                return await self._send_blob(request, run_id, secret, ref)
+            if request.method != "POST":
+                raise _Refusal(405, "method_not_allowed")
+            if kind == "upload":
+                return await self._accept_part(request, run_id, secret)
+            return await self._accept(request, run_id if kind == "run" else None, secret)
+        except _Refusal as refusal:
+            log = logger.warning if refusal.status == 401 else logger.debug
+            log("refused %s %s: %s", request.method, "callback" if refusal.status != 404 else "path", refusal.reason)
+            return refusal.response()
+
+    def _authorise(self, run: str | None, secret: str) -> None:
+        if run is None:
+            if not same_secret(self.token, secret):
+                raise _Refusal(401, "bad_credential")
+        else:
+            expected = self._pending.get(run)
+            if expected is not None and same_secret(expected, secret):
+                return
+            if not verify_run_credential(self._secret, run, secret):
+                raise _Refusal(401, "bad_credential")
+            raise _Refusal(403, "run_not_pending", f"run {run!r} is not pending (resolved, closed or never opened)")
+
+    async def _accept(self, request: web.BaseRequest, run: str | None, secret: str) -> web.Response:
+        self._authorise(run, secret)
+        content_type = request.content_type
+        uploaded = request.headers.get(UPLOAD_HEADER)
+        if uploaded is not None and run is not None:
+            upload = self._uploads.pop(run, None)
+            if upload is None or str(len(upload.buffer)) != uploaded or not upload.complete():
+                raise _Refusal(400, "upload_incomplete", "not every part of the uploaded frame arrived")
+            body, content_type = upload.buffer, codec.FRAME_CONTENT_TYPE
+        else:
+            try:
+                body = await read_stream(request.content, request.content_length, self.max_body_size)
+            except ValueError as exc:
+                if str(exc) == "body_too_large":
+                    raise _Refusal(413, "body_too_large", limit=self.max_body_size) from None
+                raise _Refusal(400, str(exc)) from None
+        big = len(body) > OFFLOAD_BYTES
+        try:
+            if big:
+                header, parts = await asyncio.to_thread(codec.split_frame, content_type, body)
+            else:
+                header, parts = codec.split_frame(content_type, body)
+            run_id = codec.validate_event_header(header)
+        except codec.FrameError as exc:
+            raise _Refusal(400, exc.reason, str(exc)) from None
+        if run is not None and run_id != run:
+            raise _Refusal(403, "run_mismatch", "frame run_id differs from the run of its URL")
+        if not self._check_open(run, run_id):
+            return web.Response(body=_DUPLICATE, headers=_JSON)
+        try:
+            frame = await asyncio.to_thread(codec.load_frame, header, parts) if big else codec.load_frame(header, parts)
+        except codec.FrameError as exc:
+            raise _Refusal(400, exc.reason, str(exc)) from None
+        if not self._check_open(run, run_id):  # state may have changed while unpickling in a thread
+            return web.Response(body=_DUPLICATE, headers=_JSON)
+        kind = frame["type"]
+        if kind in TERMINAL_EVENTS:
+            self._pending.pop(run_id, None)
+            self._blobs.pop(run_id, None)
+            self._uploads.pop(run_id, None)
+            self._remember(run_id)
+        elif kind == "task_started":
+            self._blobs.pop(run_id, None)
+        assert self._queue is not None
+        self._queue.put_nowait(frame)
+        return web.Response(body=_ACCEPTED, headers=_JSON)
+
+    async def _accept_part(self, request: web.BaseRequest, run: str, secret: str) -> web.Response:
+        """Store one part of a frame too large for one request; the frame's own request names the total."""
+        self._authorise(run, secret)
+        try:
+            offset, total = int(request.query["offset"]), int(request.query["total"])
+        except (KeyError, ValueError):
+            raise _Refusal(400, "bad_upload", "offset and total query parameters are required") from None
+        length = request.content_length
+        if length is None:
+            raise _Refusal(400, "bad_upload", "an upload part needs a Content-Length")
+        if length > self.max_body_size:
+            raise _Refusal(413, "body_too_large", limit=self.max_body_size)
+        if total > self.max_frame_size:
+            raise _Refusal(413, "frame_too_large", f"frames may hold {self.max_frame_size} bytes")
+        if offset < 0 or offset + length > total:
+            raise _Refusal(400, "bad_upload", "part lies outside the frame")
+        upload = self._uploads.get(run)
+        if upload is None or len(upload.buffer) != total:
+            upload = self._uploads[run] = _Upload(total)
+        with memoryview(upload.buffer) as view:
+            try:
+                await read_into(request.content, view[offset : offset + length])
+            except ValueError as exc:
+                raise _Refusal(400, str(exc)) from None
+        upload.received[offset] = length
+        return web.Response(body=_ACCEPTED, headers=_JSON)
+
+    def _check_open(self, run: str | None, run_id: str) -> bool:
+        """``False`` for a master-URL frame of a resolved run (acknowledge, drop); 403 for a closed run URL."""
+        if run is not None:
+            if run not in self._pending:
+                raise _Refusal(403, "run_not_pending", f"run {run!r} is not pending (resolved, closed or never opened)")
+            return True
+        return run_id not in self._resolved
+
+    async def _send_blob(self, request: web.BaseRequest, run: str, secret: str, ref: str) -> web.StreamResponse:
+        self._authorise(run, secret)
+        blob = self._blobs.get(run, {}).get(ref)
+        if blob is None:
+            raise _Refusal(404, "blob_not_found", f"no blob {ref!r} for run {run!r} (already fetched and started?)")
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(blob)
+        await response.prepare(request)
+        with memoryview(blob) as view:
+            for start in range(0, len(view), BLOB_CHUNK):
+                await response.write(view[start : start + BLOB_CHUNK])
+        await response.write_eof()
+        return response

@@ -1,0 +1,413 @@
+"""Worker entrypoints: run a backend payload where the backend placed it and report back to the weave.
+
+Both entrypoints load the callable and arguments (fetching by-reference blobs with the run credential), post
+``task_started``, run the callable while posting a ``heartbeat`` every third of ``delivery["heartbeat_seconds"]``,
+then post ``task_result``, ``task_error`` or ``task_cancelled``.
+
+The synchronous entrypoint, when it runs in the main thread, also turns SIGTERM (a scheduler cancelling the job) into
+``task_cancelled``: the callable then runs in a helper thread, so the main thread can keep posting heartbeats and
+react to the signal, and after posting the previous handler runs and the process exits with status 143.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from queue import SimpleQueue
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from wove.backend import codec
+from wove.backend.client import CallbackConnection
+from wove.backend.delivery import env_seconds
+from wove.errors import BackendUnavailableError, CallbackError, PayloadError
+
+if TYPE_CHECKING:
+    import logging
+
+    import aiohttp
+
+    from wove.backend.aclient import AsyncCallbackConnection
+
+__all__ = ["run_backend_payload", "run_backend_payload_async"]
+
+#: Heartbeats posted per ``heartbeat_seconds`` window (the submitting side presumes a worker dead after one window).
+HEARTBEATS_PER_WINDOW = 3
+MIN_HEARTBEAT_INTERVAL = 0.01
+#: Environment variable: seconds to deliver ``task_cancelled`` after SIGTERM (schedulers kill soon after).
+CANCEL_DEADLINE_ENV = "WOVE_CANCEL_DEADLINE"
+DEFAULT_CANCEL_DEADLINE = 5.0
+#: The async entrypoint unpickles bodies larger than this in a thread, keeping the event loop free.
+OFFLOAD_BYTES = 1 << 20
+#: Exit status after SIGTERM, as a shell reports a process killed by it.
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+def _logger() -> logging.Logger:
+    import logging
+
+    return logging.getLogger(__name__)
+
+
+class _Job:
+    """The validated fields of a payload and the frames it produces."""
+
+    def __init__(self, payload: Mapping[str, Any]) -> None:
+        codec.validate_payload(payload)
+        self.payload = payload
+        self.run_id: str = payload["run_id"]
+        self.task_id: Any = payload.get("task_id")
+        self.task_name: str = payload["task_name"]
+        self.callback_url: str = payload["callback_url"]
+        seconds = (payload.get("delivery") or {}).get("heartbeat_seconds")
+        self.interval: float | None = None
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
+            self.interval = max(seconds / HEARTBEATS_PER_WINDOW, MIN_HEARTBEAT_INTERVAL)
+
+    def frame(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """An event frame of this run; ``at`` is the worker's clock (the submitting side may stamp timings with it)."""
+        return {"type": kind, "run_id": self.run_id, "task_id": self.task_id, "at": time.time(), **fields}
+
+    def started(self) -> dict[str, Any]:
+        return self.frame("task_started", host=socket.gethostname(), pid=os.getpid())
+
+    def failed(self, exc: BaseException, source: str) -> dict[str, Any]:
+        return self.frame("task_error", exception=exc, error=codec.error_info(exc, source=source))
+
+    def body_fields(self) -> list[tuple[str, Any, str]]:
+        return [
+            ("callable_pickle", self.payload["callable_pickle"], f"the callable of task {self.task_name!r}"),
+            ("args_pickle", self.payload["args_pickle"], f"the arguments of task {self.task_name!r}"),
+        ]
+
+    def checked(self, fn: Any, kwargs: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
+        if not callable(fn) or not isinstance(kwargs, dict):
+            raise PayloadError(f"payload of task {self.task_name!r} does not hold a callable and a keyword dict")
+        return fn, kwargs
+
+
+class _Outcome(NamedTuple):
+    ok: bool
+    value: Any
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler to interrupt the main thread's wait."""
+
+
+def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> _Outcome:
+    """Call ``fn``; afterwards drop our hold on the arguments so a large input is freed before the result pickles."""
+    try:
+        try:
+            value = fn(**kwargs)
+        finally:
+            kwargs.clear()
+        if hasattr(value, "__await__"):
+            import asyncio
+
+            async def wait() -> Any:
+                return await value
+
+            value = asyncio.run(wait())
+        return _Outcome(True, value)
+    except Exception as exc:
+        return _Outcome(False, exc)
+
+
+class _Helper:
+    """One thread kept for the main thread's runs, so a long-lived worker does not start a thread per task."""
+
+    def __init__(self) -> None:
+        self.jobs: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self.busy = False
+        self.thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Run ``job`` on the helper; ``False`` when it is still busy (an abandoned task), so the caller must not."""
+        if self.busy:
+            return False
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._serve, name="wove-task", daemon=True)
+            self.thread.start()
+        self.busy = True
+        self.jobs.put(job)
+        return True
+
+    def _serve(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                job()
+            finally:
+                self.busy = False
+
+
+_helper = _Helper()
+
+
+def _refuse_running_loop() -> None:
+    asyncio = sys.modules.get("asyncio")  # no asyncio imported: no loop can be running, and no import cost
+    if asyncio is not None and asyncio.events._get_running_loop() is not None:
+        raise RuntimeError(
+            "run_backend_payload() cannot run inside a running event loop; use await run_backend_payload_async()"
+        )
+
+
+# -- synchronous ------------------------------------------------------------------------------------------------------
+
+
+def run_backend_payload(payload: Mapping[str, Any]) -> Any:
+    """Synchronous worker entrypoint for backend workers.
+
+    Returns the callable's result after posting ``task_result``; re-raises its exception after posting
+    ``task_error``. Raises :class:`PayloadError` for a payload it cannot run and :class:`CallbackError` when the
+    callback server refuses the run or cannot be reached before the deadline.
+    """
+    return run_payload(payload, RunTrace())
+
+
+class RunTrace:
+    """What a run got to; lets the CLI tell the task's own exception from a transport failure."""
+
+    def __init__(self) -> None:
+        self.task_name = ""
+        self.task_exception: BaseException | None = None
+
+
+def run_payload(payload: Mapping[str, Any], trace: RunTrace) -> Any:
+    """:func:`run_backend_payload`, recording in ``trace`` the exception the task itself raised (if any)."""
+    _refuse_running_loop()
+    job = _Job(payload)
+    trace.task_name = job.task_name
+    with CallbackConnection(job.callback_url) as conn:
+        try:
+            fn, kwargs = job.checked(*(_load_sync(conn, field, what) for _, field, what in job.body_fields()))
+        except (PayloadError, BackendUnavailableError) as exc:
+            _post_quietly(conn, job.failed(exc, "worker"))
+            raise
+        return _SyncRun(job, conn, trace).run(fn, kwargs)
+
+
+def _load_sync(conn: CallbackConnection, field: Any, what: str) -> Any:
+    data = codec.b64decode(field, what) if isinstance(field, str) else conn.fetch_blob(field["ref"])
+    return codec.loads(data, what)
+
+
+def _post_quietly(conn: CallbackConnection, frame: Mapping[str, Any], deadline: float | None = None) -> None:
+    try:
+        conn.post(frame, deadline=deadline)
+    except (CallbackError, PayloadError) as exc:
+        _logger().warning("could not post %s frame: %s", frame.get("type"), exc)
+
+
+class _SyncRun:
+    """One run of a payload in this thread, with heartbeats and (in the main thread) SIGTERM handling."""
+
+    def __init__(self, job: _Job, conn: CallbackConnection, trace: RunTrace) -> None:
+        self.job = job
+        self.conn = conn
+        self.trace = trace
+        self.beating = job.interval is not None
+        self.handling = False
+        self.previous: Any = None
+        self.terminated = False
+        self.armed = False
+        self.signal_frame: FrameType | None = None
+
+    def run(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        self._install()
+        try:
+            self.conn.post(self.job.started())
+            try:
+                outcome = None if self.terminated else self._execute(fn, kwargs)
+            except _Terminated:
+                outcome = None
+            except BaseException:  # KeyboardInterrupt and the like: the run ends without an outcome
+                _post_quietly(self.conn, self.job.frame("task_cancelled"), self._cancel_deadline())
+                raise
+            if outcome is None:
+                _post_quietly(self.conn, self.job.frame("task_cancelled"), self._cancel_deadline())
+                self._uninstall()
+                if callable(self.previous):
+                    self.previous(signal.SIGTERM, self.signal_frame)
+                raise SystemExit(EXIT_SIGTERM)
+            return self._report(outcome)
+        finally:
+            self._uninstall()
+
+    def _report(self, outcome: _Outcome) -> Any:
+        if not outcome.ok:
+            self.conn.post(self.job.failed(outcome.value, "task"))
+            self.trace.task_exception = outcome.value
+            raise outcome.value
+        try:
+            self.conn.post(self.job.frame("task_result", result=outcome.value))
+        except PayloadError as exc:  # the result cannot be pickled
+            self.conn.post(self.job.failed(exc, "worker"))
+            raise
+        if self.terminated:  # SIGTERM came while the result was being posted: honour it now
+            self._uninstall()
+            signal.raise_signal(signal.SIGTERM)
+        return outcome.value
+
+    def _execute(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> _Outcome | None:
+        """Run the callable; ``None`` when SIGTERM ended the wait."""
+        if not self.handling and not self.beating:
+            return _call(fn, kwargs)
+        box: list[_Outcome] = []
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                box.append(_call(fn, kwargs))
+            except BaseException as exc:  # SystemExit and friends end only this thread; report them
+                box.append(_Outcome(False, exc))
+            done.set()
+
+        if not (self.handling and _helper.submit(target)):
+            threading.Thread(target=target, name=f"wove-task-{self.job.task_name}", daemon=True).start()
+        while True:
+            try:
+                self.armed = True
+                if self.terminated:
+                    return None
+                finished = done.wait(self.job.interval if self.beating else None)
+            finally:
+                self.armed = False
+            if finished:
+                return box[0]
+            if self.beating:
+                self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        interval = self.job.interval or 1.0
+        try:
+            self.conn.post(self.job.frame("heartbeat"), deadline=max(interval, 1.0))
+        except CallbackError as exc:
+            if exc.reason == "run_not_pending":
+                _logger().info("run %r was closed by the submitting side; no more heartbeats", self.job.run_id)
+                self.beating = False
+            else:
+                _logger().warning("heartbeat not delivered: %s", exc)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.terminated = True
+        self.signal_frame = frame
+        if self.armed:
+            raise _Terminated
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous == signal.SIG_IGN:
+            return
+        self.previous = previous
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.handling = True
+
+    def _uninstall(self) -> None:
+        if self.handling:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+            self.handling = False
+
+    @staticmethod
+    def _cancel_deadline() -> float:
+        return env_seconds(CANCEL_DEADLINE_ENV, DEFAULT_CANCEL_DEADLINE)
+
+
+# -- asynchronous -----------------------------------------------------------------------------------------------------
+
+
+async def run_backend_payload_async(payload: Mapping[str, Any], *, session: aiohttp.ClientSession | None = None) -> Any:
+    """Execute a backend payload and deliver the result to its callback URL.
+
+    Coroutine functions are awaited; plain callables run in a thread so heartbeats keep flowing. Cancelling this
+    coroutine cancels the task and posts ``task_cancelled``. A long-lived async worker should pass its own aiohttp
+    ``session`` so runs share keep-alive connections; otherwise each run opens (and closes) one.
+    """
+    import asyncio
+
+    from wove.backend.aclient import AsyncCallbackConnection
+
+    job = _Job(payload)
+    async with AsyncCallbackConnection(job.callback_url, session=session) as conn:
+        try:
+            loaded = [await _load_async(conn, field, what) for _, field, what in job.body_fields()]
+            fn, kwargs = job.checked(*loaded)
+        except (PayloadError, BackendUnavailableError) as exc:
+            await _apost_quietly(conn, job.failed(exc, "worker"))
+            raise
+        await conn.post(job.started())
+        task = asyncio.ensure_future(_acall(fn, kwargs))
+        interval = job.interval
+        try:
+            while not (await asyncio.wait({task}, timeout=interval))[0]:
+                if not await _aheartbeat(conn, job):
+                    interval = None
+            value = task.result()
+        except asyncio.CancelledError:
+            task.cancel()
+            await _apost_quietly(
+                conn, job.frame("task_cancelled"), env_seconds(CANCEL_DEADLINE_ENV, DEFAULT_CANCEL_DEADLINE)
+            )
+            raise
+        except Exception as exc:
+            await conn.post(job.failed(exc, "task"))
+            raise
+        try:
+            await conn.post(job.frame("task_result", result=value))
+        except PayloadError as exc:
+            await conn.post(job.failed(exc, "worker"))
+            raise
+        return value
+
+
+async def _load_async(conn: AsyncCallbackConnection, field: Any, what: str) -> Any:
+    import asyncio
+
+    data = codec.b64decode(field, what) if isinstance(field, str) else await conn.fetch_blob(field["ref"])
+    if len(data) > OFFLOAD_BYTES:
+        return await asyncio.to_thread(codec.loads, data, what)
+    return codec.loads(data, what)
+
+
+async def _acall(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    import asyncio
+    import inspect
+
+    try:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(**kwargs)
+        value = await asyncio.to_thread(fn, **kwargs)
+    finally:
+        kwargs.clear()  # free a large input before the result is pickled
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+async def _aheartbeat(conn: AsyncCallbackConnection, job: _Job) -> bool:
+    """Post one heartbeat; ``False`` once the submitting side has closed the run (stop beating)."""
+    try:
+        await conn.post(job.frame("heartbeat"), deadline=max(job.interval or 1.0, 1.0))
+    except CallbackError as exc:
+        if exc.reason == "run_not_pending":
+            _logger().info("run %r was closed by the submitting side; no more heartbeats", job.run_id)
+            return False
+        _logger().warning("heartbeat not delivered: %s", exc)
+    return True
+
+
+async def _apost_quietly(
+    conn: AsyncCallbackConnection, frame: Mapping[str, Any], deadline: float | None = None
+) -> None:
+    try:
+        await conn.post(frame, deadline=deadline)
+    except (CallbackError, PayloadError) as exc:
+        _logger().warning("could not post %s frame: %s", frame.get("type"), exc)
