@@ -1,0 +1,299 @@
+"""``ProcessAdapter``: the embedded backend, a bounded pool of long-lived local worker processes.
+
+Each worker runs ``wove.integrations._process_worker``, fed JSON lines on a private pipe. It runs every
+payload through wove's worker entrypoint, which posts events to the callback server over HTTP exactly as a
+Celery or Slurm worker would; the pipe only tells the pool when a worker is free. Plain subprocesses (rather
+than ``multiprocessing``) are used because spawning never re-imports the user's ``__main__`` module and because a
+pipe write to an already-warm worker is the cheapest hand-off there is.
+
+Config keys (``executor_config``): ``max_workers``/``workers`` (pool size, default ``os.cpu_count()``),
+``min_workers`` (started eagerly by ``start``, default 1), ``python`` (interpreter, default this one),
+``env`` (extra environment variables for workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from wove._types import Frame
+from wove.errors import BackendUnavailableError, ConfigError, SubmitError
+from wove.integrations.base import BackendAdapter
+
+__all__ = ["ProcessAdapter", "ProcessSubmission"]
+
+logger = logging.getLogger("wove.integrations.process")
+
+#: Consecutive workers that may die before becoming ready before queued runs are failed instead of retried.
+MAX_STARTUP_FAILURES = 3
+#: Seconds an idle worker gets to exit on its own at ``close`` before it is killed.
+EXIT_GRACE = 2.0
+
+_BOOTSTRAP = (
+    "import json, sys; paths = json.loads(sys.argv[1]); "
+    "sys.path[:] = paths + [p for p in sys.path if p and p not in paths]; "
+    "from wove.integrations._process_worker import main; sys.exit(main())"
+)
+
+
+@dataclass(frozen=True)
+class ProcessSubmission:
+    """Identifies one submitted payload; ``ProcessAdapter.cancel`` takes it back."""
+
+    run_id: str
+
+
+@dataclass(eq=False)
+class _Job:
+    run_id: str
+    task_id: Any
+    line: bytes
+    worker: _Worker | None = None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: asyncio.subprocess.Process
+    ready: bool = False
+    job: _Job | None = None
+    reader: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class ProcessAdapter(BackendAdapter):
+    """Runs payloads on local worker processes that stay alive between tasks."""
+
+    backend: ClassVar[str] = "process"
+    install_hint: ClassVar[str] = "pip install 'wove[dispatch]'"
+    #: A pipe takes any size, but a huge inline payload is base64-encoded and JSON-parsed; past 1 MiB a blob
+    #: fetched over HTTP is cheaper.
+    inline_payload_limit: ClassVar[int | None] = 1 << 20
+    #: ``module:function`` each worker calls with a payload (sync or async). The synchronous entrypoint posts over
+    #: a pooled keep-alive ``http.client`` connection, so workers never import aiohttp and reuse one socket.
+    worker_entrypoint: ClassVar[str] = "wove.backend.worker:run_backend_payload"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_workers = _pool_size(self.config)
+        self.min_workers = min(self.max_workers, _int_option(self.config, "min_workers", 1, minimum=0))
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[str, _Job] = {}
+        self._workers: set[_Worker] = set()
+        self._idle: collections.deque[_Worker] = collections.deque()
+        self._spawning = 0
+        self._spawners: set[asyncio.Task[None]] = set()
+        self._startup_failures = 0
+        self._closed = False
+
+    # -- adapter contract ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch ``min_workers`` in the background; the first ``submit`` never waits for imports to finish."""
+        for _ in range(self.min_workers):
+            self._spawn_soon()
+
+    async def submit(self, payload: Frame, frame: Frame) -> ProcessSubmission:
+        """Queue ``payload``; an idle worker takes it at once, otherwise the first one to free up does."""
+        if self._closed:
+            raise SubmitError("the process pool is closed", environment=self.name, run_id=str(frame["run_id"]))
+        run_id = str(frame["run_id"])
+        message = {"op": "run", "payload": payload}
+        job = _Job(run_id, frame.get("task_id"), json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        self._jobs[run_id] = job
+        self._queue.append(job)
+        self._dispatch()
+        return ProcessSubmission(run_id)
+
+    async def cancel(self, run_id: str, submission: Any, frame: Frame) -> None:
+        """Drop a queued run; kill the worker running a started one (a replacement is spawned)."""
+        job = self._jobs.pop(run_id, None)
+        if job is None:
+            return
+        job.cancelled = True
+        if job.worker is None:
+            self._queue.remove(job)
+            return
+        worker = job.worker
+        logger.debug("killing worker %d to cancel run %s", worker.pid, run_id)
+        _kill(worker.process)
+        await worker.process.wait()
+
+    async def close(self) -> None:
+        """Stop every worker: idle ones exit when their input closes, busy ones are killed."""
+        self._closed = True
+        self._queue.clear()
+        self._jobs.clear()
+        await asyncio.gather(*self._spawners, return_exceptions=True)
+        workers = list(self._workers)
+        for worker in workers:
+            if worker.job is not None or not worker.ready:
+                _kill(worker.process)
+            elif worker.process.stdin is not None:
+                worker.process.stdin.close()
+        for worker in workers:
+            try:
+                await asyncio.wait_for(worker.process.wait(), EXIT_GRACE)
+            except asyncio.TimeoutError:
+                _kill(worker.process)
+                await worker.process.wait()
+        readers = [w.reader for w in workers if w.reader is not None]
+        await asyncio.gather(*readers, return_exceptions=True)
+
+    # -- pool ------------------------------------------------------------------------------------------------
+
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of the live workers (for tests and diagnostics)."""
+        return tuple(sorted(w.pid for w in self._workers if w.process.returncode is None))
+
+    def running_pid(self, run_id: str) -> int | None:
+        """Process id of the worker running ``run_id``, or None while it is queued or finished."""
+        job = self._jobs.get(run_id)
+        return job.worker.pid if job is not None and job.worker is not None else None
+
+    def _dispatch(self) -> None:
+        """Hand queued jobs to idle workers; grow the pool when jobs wait and there is room."""
+        while self._queue and self._idle:
+            worker = self._idle.popleft()
+            if worker.process.returncode is not None or worker not in self._workers:
+                continue
+            job = self._queue.popleft()
+            self._assign(worker, job)
+        starting = self._spawning + sum(1 for w in self._workers if not w.ready)
+        room = self.max_workers - len(self._workers) - self._spawning
+        for _ in range(min(room, len(self._queue) - starting)):
+            self._spawn_soon()
+
+    def _assign(self, worker: _Worker, job: _Job) -> None:
+        job.worker = worker
+        worker.job = job
+        stdin = worker.process.stdin
+        assert stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a dying worker: its reader reports it
+            stdin.write(job.line)
+
+    def _spawn_soon(self) -> None:
+        if self._closed:
+            return
+        self._spawning += 1
+        task = asyncio.get_running_loop().create_task(self._spawn())
+        self._spawners.add(task)
+        task.add_done_callback(self._spawners.discard)
+
+    async def _spawn(self) -> None:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._worker_command(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, **{str(k): str(v) for k, v in dict(self.config.get("env") or {}).items()}},
+                start_new_session=True,  # Ctrl-C reaches the weave, which stops the pool; not every worker
+            )
+        except Exception:
+            self._spawning -= 1
+            logger.exception("environment %r: could not start a worker process", self.name)
+            self._startup_failed("could not start a worker process")
+            return
+        self._spawning -= 1
+        worker = _Worker(process)
+        self._workers.add(worker)
+        assert process.stdin is not None
+        init = {"op": "init", "entrypoint": self.worker_entrypoint}
+        process.stdin.write(json.dumps(init).encode() + b"\n")
+        worker.reader = asyncio.get_running_loop().create_task(self._read(worker))
+        if self._closed:
+            _kill(process)
+
+    async def _read(self, worker: _Worker) -> None:
+        """Follow one worker's status lines until it exits, then account for whatever it was running."""
+        stdout = worker.process.stdout
+        assert stdout is not None
+        while line := await stdout.readline():
+            message = json.loads(line)
+            if message.get("op") == "ready":
+                worker.ready = True
+                self._startup_failures = 0
+            elif message.get("op") == "done":
+                job, worker.job = worker.job, None
+                if job is not None and self._jobs.get(job.run_id) is job:
+                    del self._jobs[job.run_id]
+            else:
+                continue
+            self._idle.append(worker)
+            self._dispatch()
+        code = await worker.process.wait()
+        self._worker_exited(worker, code)
+
+    def _worker_exited(self, worker: _Worker, code: int) -> None:
+        self._workers.discard(worker)
+        job, worker.job = worker.job, None
+        if self._closed:
+            return
+        if job is not None and not job.cancelled:
+            self._jobs.pop(job.run_id, None)
+            message = f"worker process {worker.pid} exited with code {code} while running the task"
+            logger.warning("environment %r: %s (run %s)", self.name, message, job.run_id)
+            self.report_lost({"run_id": job.run_id, "task_id": job.task_id}, message)
+        elif job is None:
+            logger.info("environment %r: worker process %d exited with code %d", self.name, worker.pid, code)
+        if not worker.ready:
+            self._startup_failed(f"worker process {worker.pid} exited with code {code} before it was ready")
+            return
+        self._spawn_soon()  # keep the pool at the size demand grew it to
+        self._dispatch()
+
+    def _startup_failed(self, reason: str) -> None:
+        """Retry a few times, then fail the queued runs rather than respawning a broken worker forever."""
+        self._startup_failures += 1
+        if self._startup_failures < MAX_STARTUP_FAILURES:
+            logger.warning("environment %r: %s; trying again", self.name, reason)
+            self._dispatch()
+            return
+        logger.error("environment %r: %s; giving up on %d queued run(s)", self.name, reason, len(self._queue))
+        while self._queue:
+            job = self._queue.popleft()
+            self._jobs.pop(job.run_id, None)
+            exc = BackendUnavailableError(
+                f"environment {self.name!r}: {reason}", environment=self.name, run_id=job.run_id
+            )
+            ids = {"run_id": job.run_id, "task_id": job.task_id}
+            self.report_lost(ids, reason, kind="WorkerStartFailed", retryable=False, exception=exc)
+
+    def _worker_command(self) -> list[str]:
+        """The worker's command line. With this interpreter, the worker gets this process's ``sys.path`` (in
+        order, before anything is imported), so it imports user modules and this very wove the way the weave
+        does. Another interpreter (``python`` config) keeps its own path and must have wove installed."""
+        python = str(self.config.get("python") or sys.executable)
+        if python != sys.executable:
+            return [python, "-m", "wove.integrations._process_worker"]
+        return [python, "-c", _BOOTSTRAP, json.dumps([entry or os.getcwd() for entry in sys.path])]
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
+
+def _int_option(config: dict[str, Any], key: str, default: int, *, minimum: int = 1) -> int:
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"executor_config[{key!r}] must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _pool_size(config: dict[str, Any]) -> int:
+    key = "max_workers" if config.get("max_workers") is not None else "workers"
+    return _int_option(config, key, os.cpu_count() or 1)
