@@ -1,0 +1,7 @@
+"""``python -m wove``: the command line."""
+
+import sys
+
+from wove.cli import main
+
+sys.exit(main())
