@@ -169,6 +169,11 @@ class WeaveEngine:
                 await display.stop()
         if self._failure is not None:
             raise self._failure
+        return self.result()
+
+    def result(self) -> WeaveResult:
+        """What the weave produced so far: after a failure in raise mode, the values, errors and records
+        of everything that finished, so a caller can see where each attempt ran and why it failed."""
         return WeaveResult(self._graph.order, self._values, self._errors, self._records)
 
     async def _cancel_all(self) -> None:

@@ -80,7 +80,10 @@ class Weave:
 
     @property
     def result(self) -> WeaveResult:
-        """Task values by name (``w.result.name``, ``w.result["name"]``, ``w.result.final``)."""
+        """Task values by name (``w.result.name``, ``w.result["name"]``, ``w.result.final``).
+
+        Also set when the weave raised: ``w.result.errors`` and ``w.result.records`` then show what failed
+        and where everything ran."""
         if self._result is None:
             raise WoveError("w.result is available once the weave's with-block has finished")
         return self._result
@@ -97,12 +100,12 @@ class Weave:
         plans = plan_tasks(graph, self._options, settings)
         env = self._options.get("environment") or settings.default_environment
         error_mode = settings.resolve("error_mode", env, self._options)
+        engine = WeaveEngine(graph, self._inputs, plans, error_mode, settings.progress)
         try:
-            engine = WeaveEngine(graph, self._inputs, plans, error_mode, settings.progress)
-            self._result = await engine.run()
+            return await engine.run()
         finally:
+            self._result = engine.result()
             self._state = "done"
-        return self._result
 
     def _run_sync(self) -> None:
         import asyncio

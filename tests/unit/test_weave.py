@@ -366,3 +366,19 @@ def test_version_and_public_names() -> None:
     assert wove.__version__
     for name in wove.__all__:
         assert hasattr(wove, name), name
+
+
+def test_after_a_raised_failure_the_result_shows_what_happened() -> None:
+    with pytest.raises(ValueError, match="bad input"), weave() as w:
+
+        @w.do
+        def fine() -> int:
+            return 1
+
+        @w.do
+        def bad(fine: int) -> None:
+            raise ValueError("bad input")
+
+    assert w.result.fine == 1
+    assert isinstance(w.result.errors["bad"], ValueError)
+    assert [r.status for r in w.result.records["bad"]] == ["failed"]
