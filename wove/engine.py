@@ -363,10 +363,14 @@ class WeaveEngine:
         task_id = f"{self._weave_id}:{name}" if item is None else f"{self._weave_id}:{name}:{item}"
         requeues = plan.retries if delivery.get("orphan_policy") == "requeue" else 0
         request = RunRequest(plan.environment, name, task_id, node.spec.func, args, delivery, record, requeues)
-        handle = get_runtime().submit(request)
+        loop = asyncio.get_running_loop()
+        runtime = get_runtime()
+        handle = runtime.submit(request, loop, loop.create_future())
         try:
-            return await asyncio.wrap_future(handle.result)
+            return await handle.future
         except asyncio.CancelledError:
+            handle.finished = loop.create_future()
+            runtime.cancel(handle)
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.wrap_future(handle.finished), CANCEL_ACK_TIMEOUT + 1)
+                await asyncio.wait_for(handle.finished, CANCEL_ACK_TIMEOUT + 1)
             raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -88,13 +87,44 @@ class _Environment:
     receiver: asyncio.Task[None] | None = None
     stopped: bool = False
 
+    @property
+    def ready(self) -> bool:
+        """Started successfully and not stopped since."""
+        started = self.starting
+        if self.stopped or started is None or not started.done() or started.cancelled():
+            return False
+        return started.exception() is None
 
-@dataclass
+
 class RunHandle:
-    """A submitted run as the weave sees it: its outcome, and a signal once the runtime is done with it."""
+    """One submitted run, shared by the weave's thread and the runtime's.
 
-    result: concurrent.futures.Future[Any]
-    finished: concurrent.futures.Future[None]
+    ``future`` lives in the weave's loop and gets the outcome. ``task`` (runtime side) runs the dispatch.
+    ``finished`` is created by the weave when it cancels, and is set once the runtime is done with the run.
+    """
+
+    __slots__ = ("done", "finished", "future", "loop", "request", "task")
+
+    def __init__(self, request: RunRequest, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.request = request
+        self.loop = loop
+        self.future = future
+        self.task: asyncio.Task[None] | None = None
+        self.finished: asyncio.Future[None] | None = None
+        self.done = False
+
+
+def _settle(handle: RunHandle, result: Any, error: BaseException | None) -> None:
+    """In the weave's loop: deliver the outcome, and release a weave waiting for a cancellation to finish."""
+    if not handle.future.done():
+        if isinstance(error, asyncio.CancelledError):
+            handle.future.cancel()
+        elif error is not None:
+            handle.future.set_exception(error)
+        else:
+            handle.future.set_result(result)
+    if handle.finished is not None and not handle.finished.done():
+        handle.finished.set_result(None)
 
 
 class ExecutorRuntime:
@@ -106,6 +136,9 @@ class ExecutorRuntime:
         self._thread: threading.Thread | None = None
         self._environments: dict[str, _Environment] = {}
         self._runs = RunTable(self._send_cancel_soon)
+        # Submissions from weave threads queue here; one wake-up of the runtime loop drains a whole burst.
+        self._inbox: deque[RunHandle] = deque()
+        self._inbox_lock = threading.Lock()
 
     # -- thread and loop ----------------------------------------------------------------------------------------
 
@@ -132,12 +165,39 @@ class ExecutorRuntime:
         """Names of the environments whose executors are running."""
         return tuple(name for name, env in self._environments.items() if env.starting and env.starting.done())
 
-    def submit(self, request: RunRequest) -> RunHandle:
-        """Hand one run to its environment; thread-safe, returns at once."""
-        loop = self._ensure_loop()
-        finished: concurrent.futures.Future[None] = concurrent.futures.Future()
-        result = asyncio.run_coroutine_threadsafe(self._dispatch(request, finished), loop)
-        return RunHandle(result, finished)
+    def submit(self, request: RunRequest, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> RunHandle:
+        """Hand one run to its environment; thread-safe, returns at once. The outcome lands in ``future``,
+        which belongs to ``loop`` (the weave's)."""
+        runtime_loop = self._ensure_loop()
+        handle = RunHandle(request, loop, future)
+        with self._inbox_lock:
+            first = not self._inbox
+            self._inbox.append(handle)
+        if first:
+            runtime_loop.call_soon_threadsafe(self._drain)
+        return handle
+
+    def cancel(self, handle: RunHandle) -> None:
+        """Thread-safe: the weave gave up on ``handle``; its ``finished`` future is set once cancelled."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            _reply(handle, None, asyncio.CancelledError())
+            return
+        loop.call_soon_threadsafe(self._cancel_handle, handle)
+
+    def _drain(self) -> None:
+        with self._inbox_lock:
+            handles = list(self._inbox)
+            self._inbox.clear()
+        loop = asyncio.get_running_loop()
+        for handle in handles:
+            handle.task = loop.create_task(self._dispatch(handle))
+
+    def _cancel_handle(self, handle: RunHandle) -> None:
+        if handle.done or handle.task is None:
+            _reply(handle, None, asyncio.CancelledError())
+        else:
+            handle.task.cancel()
 
     def call(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the runtime loop from another thread and wait for it."""
@@ -148,6 +208,8 @@ class ExecutorRuntime:
 
     async def _environment(self, name: str) -> _Environment:
         env = self._environments.get(name)
+        if env is not None and env.ready:
+            return env  # the common case: no awaiting, no shield
         if env is None or env.stopped:
             settings = current_settings()
             definition = settings.environment(name)
@@ -234,19 +296,25 @@ class ExecutorRuntime:
         task = asyncio.get_running_loop().create_task(env.executor.send(frame))
         task.add_done_callback(_log_failure)
 
-    async def _dispatch(self, request: RunRequest, finished: concurrent.futures.Future[None]) -> Any:
+    async def _dispatch(self, handle: RunHandle) -> None:
+        request = handle.request
+        result: Any = None
+        error: BaseException | None = None
         try:
             while True:
                 env = await self._environment(request.environment)
                 await env.in_flight.acquire(request.delivery.get("max_in_flight"))
                 try:
-                    return await self._run_once(env, request)
+                    result = await self._run_once(env, request)
+                    break
                 except Requeue:
                     continue
                 finally:
                     env.in_flight.release()
-        finally:
-            finished.set_result(None)
+        except BaseException as exc:  # the outcome travels to the weave; nobody awaits this task
+            error = exc
+        handle.done = True
+        _reply(handle, result, error)
 
     async def _run_once(self, env: _Environment, request: RunRequest) -> Any:
         run = self._runs.open(request)
@@ -311,6 +379,12 @@ class ExecutorRuntime:
             asyncio.run_coroutine_threadsafe(
                 self.stop_environments(changed, why="its configuration changed"), loop
             ).add_done_callback(_log_failure)
+
+
+def _reply(handle: RunHandle, result: Any, error: BaseException | None) -> None:
+    """Send an outcome to the weave's loop; a weave whose loop has closed no longer listens."""
+    with contextlib.suppress(RuntimeError):
+        handle.loop.call_soon_threadsafe(_settle, handle, result, error)
 
 
 def _log_failure(future: Any) -> None:

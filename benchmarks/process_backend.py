@@ -1,0 +1,103 @@
+"""The embedded ``process`` backend against ``concurrent.futures.ProcessPoolExecutor``, and what a second weave
+on an already started environment costs.
+
+Cases, side by side in one run:
+  * 1,000 mapped tasks (a few hundred microseconds of CPU each) on a 2-worker ``process`` environment vs. the
+    same function mapped on a 2-worker ProcessPoolExecutor (pools started and warm before timing in both).
+  * A weave with one trivial remote task on a started environment: the first weave (which starts the
+    environment) and the median of the following ones; and the same weave with a local task, for reference.
+
+Run: python benchmarks/process_backend.py [--tasks 1000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import wove
+from wove import weave
+
+
+def work(item: int) -> int:
+    """A small CPU-bound step, the same in both runners."""
+    total = 0
+    for i in range(2_000):
+        total = (total + item * i) % 1_000_003
+    return total
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def weave_map(n: int) -> list[int]:
+    with weave(items=range(n)) as w:
+
+        @w.do("items", environment="heavy")
+        def mapped(item: int) -> int:
+            return work(item)
+
+    result: list[int] = w.result.mapped
+    return result
+
+
+def one_task(environment: str) -> None:
+    with weave() as w:
+
+        @w.do(environment=environment)
+        def ping() -> int:
+            return 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    wove.config(
+        progress=False,
+        environments={
+            "default": {"executor": "local"},
+            "heavy": {"executor": "process", "executor_config": {"workers": args.workers, "min_workers": args.workers}},
+        },
+    )
+
+    first_start = time.perf_counter()
+    one_task("heavy")
+    first = time.perf_counter() - first_start
+    weave_map(args.workers * 4)  # every worker warm
+
+    with ProcessPoolExecutor(args.workers) as pool:
+        list(pool.map(work, range(args.workers * 4)))  # warm
+        pooled = timed(lambda: list(pool.map(work, range(args.tasks))), args.repeat)
+    woven = timed(lambda: weave_map(args.tasks), args.repeat)
+    assert weave_map(10) == [work(i) for i in range(10)]
+
+    later = [timed(lambda: one_task("heavy"), 1) for _ in range(50)]
+    local = [timed(lambda: one_task("default"), 1) for _ in range(50)]
+
+    print(f"{args.tasks} mapped tasks on {args.workers} workers (median of {args.repeat})")
+    print(f"  ProcessPoolExecutor.map   {pooled:8.3f} s")
+    print(f"  weave on 'process'        {woven:8.3f} s   ratio {woven / pooled:.2f}x")
+    print()
+    print("a weave with one trivial remote task")
+    print(f"  first weave (starts the environment)   {first * 1000:8.1f} ms")
+    print(f"  later weaves, median of 50             {statistics.median(later) * 1000:8.2f} ms")
+    print(f"  same weave with a local task, median   {statistics.median(local) * 1000:8.2f} ms")
+    print(f"  start-up cost paid again by later weaves: {max(0.0, statistics.median(later) - first) * 1000:.2f} ms")
+    wove.shutdown()
+
+
+if __name__ == "__main__":
+    main()
