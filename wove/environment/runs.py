@@ -88,7 +88,7 @@ RESOLVED_MEMORY = 100_000
 class RunTable:
     """All pending runs of one runtime, keyed by run id."""
 
-    def __init__(self, send_cancel: Callable[[PendingRun], None]) -> None:
+    def __init__(self, send_cancel: Callable[[PendingRun], object]) -> None:
         self._runs: dict[str, PendingRun] = {}
         self._resolved: deque[str] = deque(maxlen=RESOLVED_MEMORY)
         self._resolved_set: set[str] = set()

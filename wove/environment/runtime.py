@@ -287,14 +287,16 @@ class ExecutorRuntime:
 
     # -- runs -----------------------------------------------------------------------------------------------------
 
-    def _send_cancel_soon(self, run: PendingRun) -> None:
+    def _send_cancel_soon(self, run: PendingRun) -> asyncio.Task[None] | None:
+        """Start sending ``cancel_task`` for ``run`` (policies call this from plain callbacks)."""
         run.cancel_requested = True
         env = self._environments.get(run.request.environment)
         if env is None or env.stopped:
-            return
+            return None
         frame = {"type": "cancel_task", "run_id": run.run_id, "task_id": run.request.task_id}
         task = asyncio.get_running_loop().create_task(env.executor.send(frame))
         task.add_done_callback(_log_failure)
+        return task
 
     async def _dispatch(self, handle: RunHandle) -> None:
         request = handle.request
@@ -340,7 +342,10 @@ class ExecutorRuntime:
 
     async def _cancel(self, run: PendingRun) -> None:
         """The weave gave up on this run: tell the executor, and wait for the ack if the policy requires one."""
-        self._send_cancel_soon(run)
+        sending = self._send_cancel_soon(run)
+        if sending is not None:  # the cancel has left when the weave hears back, in either mode
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(sending), CANCEL_ACK_TIMEOUT)
         if run.request.delivery.get("cancel_mode") == "require_ack":
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(run.future), CANCEL_ACK_TIMEOUT)
