@@ -21,7 +21,6 @@ So a custom adapter only fills ``submit`` and ``cancel`` (plus ``start``/``close
 from __future__ import annotations
 
 import abc
-import asyncio
 import contextlib
 import importlib.util
 import logging
@@ -185,5 +184,10 @@ class BackendAdapter(abc.ABC):
             raise SubmitError(message, environment=self.name, run_id=run_id) from exc
 
     async def run_blocking(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a blocking SDK call in a worker thread so the weave's event loop keeps moving."""
-        return await asyncio.to_thread(func, *args, **kwargs)
+        """Run a blocking SDK call in a worker thread so the weave's event loop keeps moving.
+
+        At interpreter exit, when thread pools take no more work, the call runs inline instead, so an adapter's
+        ``close`` still works when ``wove.shutdown`` runs from ``atexit``."""
+        from wove.integrations._batching import call_blocking
+
+        return await call_blocking(func, *args, **kwargs)
