@@ -24,6 +24,12 @@ __all__ = ["BackendAdapter", "ProcessAdapter", "adapter_names", "get_adapter_cla
 #: Adapters shipped with wove: executor name -> "module:ClassName".
 BUILTIN_ADAPTERS: dict[str, str] = {
     "process": "wove.integrations.process:ProcessAdapter",
+    "celery": "wove.integrations.celery:CeleryAdapter",
+    "rq": "wove.integrations.rq:RQAdapter",
+    "arq": "wove.integrations.arq:ArqAdapter",
+    "taskiq": "wove.integrations.taskiq:TaskiqAdapter",
+    "dask": "wove.integrations.dask:DaskAdapter",
+    "ray": "wove.integrations.ray:RayAdapter",
 }
 
 _registry: dict[str, type[BackendAdapter] | str] = dict(BUILTIN_ADAPTERS)
