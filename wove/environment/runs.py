@@ -207,7 +207,9 @@ class RunTable:
 
     def _resolve(self, run: PendingRun, *, result: Any = None, error: BaseException | None = None) -> None:
         if not run.future.done():
-            if error is not None:
+            if isinstance(error, asyncio.CancelledError):
+                run.future.cancel()  # an exception nobody retrieves would be logged at exit
+            elif error is not None:
                 run.future.set_exception(error)
             else:
                 run.future.set_result(result)
