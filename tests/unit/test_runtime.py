@@ -390,3 +390,12 @@ def test_bad_idempotency_format_names_the_task() -> None:
     use(ScriptedExecutor(), delivery_idempotency_key="order-{missing}")
     with pytest.raises(ConfigError, match="'task'.*order-\\{missing\\}"):
         one_remote_task()
+
+
+def test_the_submission_id_is_recorded_from_any_frame() -> None:
+    async def no_start_frame(frame: Any, emit: Emit) -> None:
+        emit({"type": "task_result", "run_id": frame["run_id"], "result": 1, "submission": "job-7"})
+
+    use(ScriptedExecutor(no_start_frame))
+    w = one_remote_task()
+    assert w.result.records["task"][0].submission == "job-7"

@@ -294,11 +294,11 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
                 run.started_at = _number(frame.get("started_at", frame.get("at")), now)
                 run.host = frame.get("host") if isinstance(frame.get("host"), str) else run.host
                 run.pid = frame.get("pid") if isinstance(frame.get("pid"), int) else run.pid
-                if run.submission is not None:
-                    frame.setdefault("submission", str(run.submission))
             elif kind in TERMINAL_EVENTS:
                 del self._runs[run.run_id]
                 frame.setdefault("finished_at", _number(frame.get("at"), now))
+            if run.submission is not None:  # a worker may start before submit() returned: stamp every frame
+                frame.setdefault("submission", str(run.submission))
             if run.started_at is not None:
                 frame.setdefault("started_at", run.started_at)
             if run.host is not None:

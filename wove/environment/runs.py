@@ -154,6 +154,9 @@ class RunTable:
             return
         run.last_seen = time.monotonic()
         record = run.request.record
+        submission = frame.get("submission")
+        if submission is not None:
+            record.submission = str(submission)
         if kind == "task_started":
             self._on_started(run, frame)
         elif kind == "heartbeat":
@@ -174,9 +177,6 @@ class RunTable:
         host, pid = frame.get("host"), frame.get("pid")
         record.host = host if isinstance(host, str) else record.host
         record.pid = pid if isinstance(pid, int) else record.pid
-        submission = frame.get("submission")
-        if submission is not None:
-            record.submission = str(submission)
         heartbeat = run.request.delivery.get("heartbeat_seconds")
         if heartbeat:
             loop = asyncio.get_running_loop()
