@@ -172,17 +172,15 @@ class RayAdapter(BackendAdapter):
             await self.run_blocking(self.ray.cancel, job.ref, force=True)
 
     async def close(self) -> None:
-        """Cancel the runs still pending, then shut Ray down if this adapter started it."""
+        """Shut Ray down if this adapter started it.
+
+        Runs still pending were already handled by the runtime's orphan policy (``cancel`` sends each a
+        ``cancel_task``). Force-cancelling every reference here raced tasks that had posted their outcome and
+        were returning, which aborts Ray's core worker ("Tried to complete task that was not pending")."""
         if self._closed:
             return
         self._closed = True
-        refs = [job.ref for job in self._jobs.values() if job.ref is not None]
         self._jobs.clear()
-        if refs and self.ray is not None and self.ray.is_initialized():
-            try:
-                await call_blocking(_cancel_all, self.ray, refs)
-            except Exception as exc:
-                logger.warning("environment %r: could not cancel %d pending task(s): %r", self.name, len(refs), exc)
         if self._owner is not None:
             await self._owner.stop()
 
@@ -276,12 +274,6 @@ class _RayOwner:
 
 def _import_ray() -> Any:
     return importlib.import_module("ray")  # about 0.5 s: never at wove's import, and never on the runtime loop
-
-
-def _cancel_all(ray: Any, refs: list[Any]) -> None:
-    for ref in refs:
-        with contextlib.suppress(Exception):  # already finished or gone
-            ray.cancel(ref, force=True)
 
 
 def _describe(error: BaseException) -> str:
