@@ -9,7 +9,13 @@ import pytest
 import wove
 from wove.config import reset
 
-pytest_plugins = ["tests.services.fixtures"]
+pytest_plugins = [
+    "tests.services.fixtures",
+    "tests.services.slurm",
+    "tests.services.temporal",
+    "tests.services.aws_batch",
+    "tests.services.kubernetes",
+]
 
 
 @pytest.fixture(autouse=True)

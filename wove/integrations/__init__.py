@@ -30,6 +30,10 @@ BUILTIN_ADAPTERS: dict[str, str] = {
     "taskiq": "wove.integrations.taskiq:TaskiqAdapter",
     "dask": "wove.integrations.dask:DaskAdapter",
     "ray": "wove.integrations.ray:RayAdapter",
+    "slurm": "wove.integrations.slurm:SlurmAdapter",
+    "temporal": "wove.integrations.temporal:TemporalAdapter",
+    "aws_batch": "wove.integrations.aws_batch:AwsBatchAdapter",
+    "kubernetes_jobs": "wove.integrations.kubernetes_jobs:KubernetesJobsAdapter",
 }
 
 _registry: dict[str, type[BackendAdapter] | str] = dict(BUILTIN_ADAPTERS)

@@ -1,0 +1,3 @@
+"""Service and fixtures for a Temporal dev server."""
+
+from __future__ import annotations
