@@ -1,24 +1,32 @@
 """Posting frames to the callback server from synchronous code, and fetching payload blobs.
 
-The standard library's ``http.client`` on a keep-alive connection pooled per thread: a worker process pays for
-neither aiohttp's import nor a new TCP connection per frame, and a long-lived worker reuses its connection across
-runs. Retries, deadlines and uploads follow :mod:`wove.backend.delivery`.
+A keep-alive HTTP/1.1 connection per callback origin, pooled per thread, on a plain socket with ``httptools``
+(llhttp) parsing the answers: a worker process pays for neither aiohttp's import nor ``http.client``'s (which pulls
+in the ``email`` package and parses every answer's headers with it), nor for a new TCP connection per frame, and a
+long-lived worker reuses its connection across runs. A request goes out in one write (``TCP_NODELAY``, head and a
+small body together). Answers may use ``Content-Length``, ``chunked`` or end at close, so a proxy in between is
+fine. Retries, deadlines and uploads follow :mod:`wove.backend.delivery`.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
-import http.client
+import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+import httptools
+
 from wove.backend.codec import EncodedFrame, encode_frame
 from wove.backend.delivery import (
     Attempts,
     Exchange,
+    Target,
     client_ssl_context,
     deadline_seconds,
     describe,
@@ -34,57 +42,187 @@ from wove.errors import CallbackError
 
 __all__ = ["CallbackConnection", "post_event"]
 
-
-class _OneSend(http.client.HTTPConnection):
-    """Sends a request's header block and a small body in one write.
-
-    ``http.client`` writes them separately: two segments, so the server wakes up twice per frame. Only public
-    ``HTTPConnection`` methods are used; ``send`` is held back while ``endheaders`` emits the header block.
-    """
-
-    _held: list[Any] | None = None
-
-    def send(self, data: Any) -> None:
-        if self._held is not None:
-            self._held.append(data)
-            return
-        super().send(data)
-
-    def send_request(self, method: str, path: str, headers: Mapping[str, str], parts: list[Any]) -> None:
-        self.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in headers.items():
-            self.putheader(name, value)
-        self._held = []
-        try:
-            self.endheaders()
-        finally:
-            head, self._held = b"".join(self._held), None
-        if parts and sum(len(part) for part in parts) <= _COALESCE:
-            self.send(head + b"".join(parts))
-            parts = []
-        elif parts and len(parts[0]) <= _COALESCE:
-            self.send(head + parts[0])
-            parts = parts[1:]
-        else:
-            self.send(head)
-        for part in parts:
-            self.send(part)
-
-
-class _HTTPSOneSend(_OneSend, http.client.HTTPSConnection):
-    pass
-
-
-#: Bodies up to this size go out in the same write as the request headers.
+#: Bodies up to this size go out in the same write as the request head.
 _COALESCE = 16 * 1024
+_RECV = 64 * 1024
 
 
-class _Pool(dict[tuple[str, str, int], _OneSend]):
+class BadAnswer(OSError):
+    """The server's answer is not HTTP/1.x as this client understands it (retried like a connection error)."""
+
+
+class _Wire:
+    """One keep-alive HTTP/1.1 connection: a socket (TLS for https) and the bytes read past the last answer."""
+
+    __slots__ = ("host", "kernel_timeout", "open", "owed", "sock", "timeout")
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        # An ASCII host goes to getaddrinfo as bytes: as text it would load the IDNA codec (a cold worker's 2 ms).
+        address: str | bytes = target.host.encode("ascii") if target.host.isascii() else target.host
+        sock = socket.create_connection((address, target.port), timeout)  # type: ignore[arg-type]
+        self.kernel_timeout = target.scheme == "http" and _KERNEL_TIMEOUTS
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if target.scheme == "https":
+                sock = client_ssl_context().wrap_socket(sock, server_hostname=target.host)
+            elif self.kernel_timeout:
+                # A blocking socket whose timeouts the kernel enforces: each send or recv is one system call,
+                # where a Python-level timeout polls before every call.
+                sock.settimeout(None)
+                _set_kernel_timeout(sock, timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.timeout = timeout
+        self.open = True
+        #: A frame sent without reading its answer yet (see CallbackConnection.post_unanswered).
+        self.owed: _Owed | None = None
+        default = 443 if target.scheme == "https" else 80
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        self.host = host if target.port == default else f"{host}:{target.port}"
+
+    def close(self) -> None:
+        self.open = False
+        self.sock.close()
+
+    def set_timeout(self, timeout: float) -> None:
+        if timeout != self.timeout:
+            if self.kernel_timeout:
+                _set_kernel_timeout(self.sock, timeout)
+            else:
+                self.sock.settimeout(timeout)
+            self.timeout = timeout
+
+    def send(self, method: str, path: str, headers: Mapping[str, str], body: EncodedFrame | None) -> None:
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+        for name, value in headers.items():
+            head += f"{name}: {value}\r\n"
+        parts: list[Any] = []
+        if body is not None:
+            head += f"Content-Type: {body.content_type}\r\nContent-Length: {body.size}\r\n"
+            parts = body.parts
+        data = (head + "\r\n").encode("latin-1")
+        sock = self.sock
+        try:
+            if not parts:
+                sock.sendall(data)
+            elif body is not None and body.size <= _COALESCE:
+                sock.sendall(data + b"".join(parts))
+            else:
+                sock.sendall(data)
+                for part in parts:
+                    sock.sendall(part)
+        except BlockingIOError:  # the kernel's send timeout
+            raise TimeoutError("timed out sending to the callback server") from None
+
+    def answer(self) -> tuple[int, dict[str, str], bytearray]:
+        """Read one final answer: ``(status, headers with lower-case names, body)``.
+
+        ``httptools`` (llhttp) parses it; this only feeds it what the socket delivers, into one body buffer of the
+        announced size when there is one.
+        """
+        while True:
+            answer = _Answer()
+            parser = answer.parser = httptools.HttpResponseParser(answer)
+            try:
+                # One answer per request and no request goes out before the last answer was read, so a read
+                # never holds bytes of the next answer.
+                while not answer.complete:
+                    data = self._recv()
+                    if not data:
+                        if answer.until_close:
+                            parser.feed_data(b"")  # an answer without a length ends at close
+                            break
+                        self.open = False
+                        raise ConnectionResetError("the callback server closed the connection before answering")
+                    parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self.open = False
+                raise BadAnswer(f"not an HTTP/1.x answer the client understands: {exc}") from None
+            finally:
+                answer.parser = None  # parser -> answer -> parser: break the cycle so the body is freed at once
+            if not answer.keep_alive:
+                self.open = False
+            if answer.status >= 200:
+                return answer.status, answer.headers, answer.body
+
+    def _recv(self) -> bytes:
+        try:
+            return self.sock.recv(_RECV)
+        except BlockingIOError:  # the kernel's receive timeout
+            raise TimeoutError("timed out waiting for the callback server") from None
+
+
+class _Answer:
+    """Collects one answer from ``httptools`` callbacks: status, headers, body."""
+
+    __slots__ = ("body", "complete", "filled", "headers", "keep_alive", "parser", "status", "until_close")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.filled = 0
+        self.complete = False
+        self.keep_alive = True
+        self.until_close = False
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        length = self.headers.get("content-length", "")
+        if length.isdigit():
+            self.body = bytearray(int(length))  # filled in place: one copy of a large blob, not a growing one
+        elif "chunked" not in self.headers.get("transfer-encoding", "").lower():
+            self.until_close = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, data: bytes) -> None:
+        if self.filled + len(data) <= len(self.body):  # the buffer sized from Content-Length
+            self.body[self.filled : self.filled + len(data)] = data
+        else:
+            self.body += data
+        self.filled += len(data)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        if self.filled < len(self.body):
+            del self.body[self.filled :]
+
+
+#: Whether SO_RCVTIMEO/SO_SNDTIMEO can carry the timeouts (everywhere but Windows, for plain TCP).
+_KERNEL_TIMEOUTS = hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
+
+
+def _set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    value = array.array("l", (whole, int((seconds - whole) * 1e6))).tobytes()  # a struct timeval
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+class _Owed:
+    """A frame whose answer has not been read yet: what is needed to read it, or to send the frame again."""
+
+    __slots__ = ("encoded", "frame", "url")
+
+    def __init__(self, url: str, frame: Mapping[str, Any], encoded: EncodedFrame) -> None:
+        self.url = url
+        self.frame = {key: frame.get(key) for key in ("type", "run_id", "task_id")}
+        self.encoded = encoded
+
+
+class _Pool(dict[tuple[str, str, int], _Wire]):
     """Idle connections of one thread, closed when the thread ends."""
 
     def __del__(self) -> None:
-        for conn in self.values():
-            conn.close()
+        for wire in self.values():
+            wire.close()
 
 
 _idle = threading.local()
@@ -105,7 +243,7 @@ class CallbackConnection:
         self._target = parse_target(callback_url)
         self._key = self._target[:3]
         self._deadline = deadline_seconds(deadline)
-        self._conn = _pool().pop(self._key, None)
+        self._wire = _pool().pop(self._key, None)
 
     def __enter__(self) -> CallbackConnection:
         return self
@@ -114,16 +252,25 @@ class CallbackConnection:
         self.close()
 
     def close(self) -> None:
-        """Return the connection to this thread's pool."""
-        if self._conn is not None:
+        """Return the connection to this thread's pool (after reading any answer still owed)."""
+        if self._wire is not None and self._wire.owed is not None:
+            try:
+                self.settle()
+            except CallbackError as exc:
+                logger().warning("%s", exc)
+        if self._wire is not None:
             old = _pool().pop(self._key, None)
             if old is not None:
                 old.close()
-            _pool()[self._key] = self._conn
-            self._conn = None
+            if self._wire.open:
+                _pool()[self._key] = self._wire
+            else:
+                self._wire.close()
+            self._wire = None
 
     def post(self, frame: Mapping[str, Any], *, deadline: float | None = None) -> None:
         """Deliver one event frame, retrying until the deadline; frames above the server's limit go in parts."""
+        self.settle()
         exchange = Exchange(self.url, describe(frame), frame)
         encoded, path = encode_frame(frame), self._target.path
         part = upload_part(encoded, path, None, exchange)
@@ -141,32 +288,56 @@ class CallbackConnection:
                     raise
                 part = smaller
 
+    def post_unanswered(self, frame: Mapping[str, Any]) -> None:
+        """Send a small frame without waiting for its answer (HTTP pipelining).
+
+        The answer is read by :meth:`settle`, which every later request on this connection (and :meth:`close`)
+        calls first, so frames still reach the server in order and a refusal still raises, only later. A frame that
+        cannot go out at once (no connection yet, or too large for one write) is posted the ordinary way instead.
+        """
+        self.settle()
+        encoded = encode_frame(frame)
+        if self._wire is None or encoded.size > _COALESCE:
+            self.post(frame)
+            return
+        try:
+            self._wire.set_timeout(Attempts(self._deadline).timeout())
+            self._wire.send("POST", self._target.path, {}, encoded)
+        except OSError:
+            self._drop()
+            self.post(frame)
+            return
+        self._wire.owed = _Owed(self.url, frame, encoded)
+
+    def settle(self) -> None:
+        """Read the answer owed for a frame sent by :meth:`post_unanswered`; retry or raise as :meth:`post` would."""
+        wire = self._wire
+        if wire is None or wire.owed is None:
+            return
+        owed, wire.owed = wire.owed, None
+        exchange = Exchange(owed.url, describe(owed.frame), owed.frame)
+        self._request("POST", parse_target(owed.url).path, owed.encoded, exchange, None, sent=True)
+
     def fetch_blob(self, ref: str) -> bytearray:
         """Download a payload blob stored on the callback server for this run."""
+        self.settle()
         path = f"{self._target.path.rstrip('/')}/blobs/{quote(ref, safe='')}"
         exchange = Exchange(self.url, f"payload blob {ref!r}", None)
         blob = self._request("GET", path, None, exchange, None)
         assert blob is not None
         return blob
 
-    def _connection(self, timeout: float) -> _OneSend:
-        if self._conn is None:
-            scheme, host, port, _ = self._target
-            if scheme == "https":
-                ctx = client_ssl_context()
-                self._conn = _HTTPSOneSend(host, port, timeout=timeout, context=ctx)
-            else:
-                self._conn = _OneSend(host, port, timeout=timeout)
+    def _connection(self, timeout: float) -> _Wire:
+        if self._wire is None:
+            self._wire = _Wire(self._target, timeout)
         else:
-            self._conn.timeout = timeout
-            if self._conn.sock is not None:
-                self._conn.sock.settimeout(timeout)
-        return self._conn
+            self._wire.set_timeout(timeout)
+        return self._wire
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._wire is not None:
+            self._wire.close()
+            self._wire = None
 
     def _request(
         self,
@@ -176,34 +347,33 @@ class CallbackConnection:
         exchange: Exchange,
         deadline: float | None,
         extra: Mapping[str, str] | None = None,
+        *,
+        sent: bool = False,
     ) -> bytearray | None:
         attempts = Attempts(self._deadline if deadline is None else deadline)
-        fresh_retry = self._conn is not None  # a reused idle connection may have been closed by the server
-        headers: dict[str, str] = dict(extra or {})
-        parts: list[Any] = []
-        if encoded is not None:
-            headers.update({"Content-Type": encoded.content_type, "Content-Length": str(encoded.size)})
-            parts = encoded.parts
+        fresh_retry = self._wire is not None  # a reused idle connection may have been closed by the server
+        headers = extra or {}
         while True:
             retry_after = None
             try:
-                conn = self._connection(attempts.timeout())
-                # The server may answer early (e.g. 413) and close while the body is still going: read that answer.
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    conn.send_request(method, path, headers, parts)
-                response = conn.getresponse()
-                status = response.status
-                if status == 200 and method == "GET":
-                    return _read_exact(response)
-                data = response.read()
+                wire = self._connection(attempts.timeout())
+                if not sent:
+                    # The server may answer early (e.g. 413) and close while the body is still going: read that.
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        wire.send(method, path, headers, encoded)
+                sent = False
+                status, answer_headers, data = wire.answer()
+                if not wire.open:
+                    self._drop()
                 if 200 <= status < 300:
-                    return None
+                    return data if method == "GET" else None
                 if status != 429 and status < 500:
-                    exchange.refused(status, data)
+                    exchange.refused(status, bytes(data))
                     return None
-                retry_after = parse_retry_after(response.getheader("Retry-After"))
-                attempts.last, attempts.status = f"HTTP {status} ({refusal_reason(data) or 'no reason'})", status
-            except (OSError, http.client.HTTPException) as exc:
+                retry_after = parse_retry_after(answer_headers.get("retry-after"))
+                attempts.last, attempts.status = f"HTTP {status} ({refusal_reason(bytes(data)) or 'no reason'})", status
+            except OSError as exc:
+                sent = False
                 self._drop()
                 refuse_untrusted(exchange, exc)
                 attempts.last = f"{type(exc).__name__}: {exc}"
@@ -216,21 +386,6 @@ class CallbackConnection:
                 raise exchange.gave_up(attempts)
             logger().debug("retrying %s in %.3fs after %s", exchange.what, wait, attempts.last)
             time.sleep(wait)
-
-
-def _read_exact(response: http.client.HTTPResponse) -> bytearray:
-    length = response.length
-    if length is None:
-        return bytearray(response.read())
-    buf = bytearray(length)
-    with memoryview(buf) as view:
-        done = 0
-        while done < length:
-            got = response.readinto(view[done:])
-            if not got:
-                raise http.client.IncompleteRead(bytes(view[:done]), length - done)
-            done += got
-    return buf
 
 
 def post_event(callback_url: str, frame: Mapping[str, Any], *, timeout: float | None = None) -> None:

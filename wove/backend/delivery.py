@@ -92,7 +92,29 @@ class Target(NamedTuple):
 
 
 def parse_target(url: str) -> Target:
-    """Split a callback URL; :class:`PayloadError` unless it is http(s) with a host."""
+    """Split a callback URL; :class:`PayloadError` unless it is http(s) with a host.
+
+    Every run has its own URL under one origin, so the origin (``scheme://host:port``) is parsed once and cached,
+    and a run URL is only cut at its path.
+    """
+    scheme, found, rest = url.partition("://")
+    cut = rest.find("/")
+    if found and cut > 0 and "#" not in rest and url.isascii() and url.isprintable() and " " not in url:
+        origin = url[: len(scheme) + 3 + cut]
+        parsed = _origins.get(origin)
+        if parsed is None:
+            parsed = _parse_target(origin + "/")
+            if len(_origins) >= 64:
+                _origins.clear()
+            _origins[origin] = parsed
+        return parsed._replace(path=rest[cut:])
+    return _parse_target(url)
+
+
+_origins: dict[str, Target] = {}
+
+
+def _parse_target(url: str) -> Target:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PayloadError(f"callback URL must be http:// or https://, not {redact(url)}")

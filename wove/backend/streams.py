@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 __all__ = ["byte_ranges", "read_into", "read_stream", "slices"]
 
 Buffer = Any  # bytes, bytearray or memoryview
+#: Bodies up to this size are read in one call.
+SMALL_BODY = 64 * 1024
 
 
 async def read_into(stream: aiohttp.StreamReader, view: memoryview) -> None:
@@ -38,6 +40,15 @@ async def read_stream(stream: aiohttp.StreamReader, length: int | None, limit: i
         return grown
     if length > limit:
         raise ValueError("body_too_large")
+    if length == 0:
+        return bytearray()
+    if length <= SMALL_BODY:  # usually in the buffer already: one call, no copy loop
+        import asyncio  # here, not at the top: the sync worker imports this module and never asyncio
+
+        try:
+            return bytearray(await stream.readexactly(length))
+        except asyncio.IncompleteReadError:
+            raise ValueError("incomplete_body") from None
     buf = bytearray(length)
     with memoryview(buf) as view:
         await read_into(stream, view)

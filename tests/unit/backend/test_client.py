@@ -245,3 +245,59 @@ async def test_master_urls_never_upload(monkeypatch: pytest.MonkeyPatch) -> None
         master = url.replace("/wove/runs/r/secret-credential", "/wove/events/token")
         await asyncio.to_thread(post_event, master, {"type": "task_result", "run_id": "r", "result": b"x" * 5000})
     assert [request.path for request in seen] == ["/wove/events/token"]
+
+
+# -- answer framing ---------------------------------------------------------------------------------------------------
+
+
+async def test_chunked_answers_and_closing_answers_are_read_whole() -> None:
+    """A proxy may re-frame answers: chunked bodies and ``Connection: close`` both work, and a closed connection
+    is not reused."""
+    peers: list[object] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        if request.method == "GET":  # a chunked body of three pieces
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for piece in (b"abc", b"", b"defgh", b"i" * 70_000):
+                await response.write(piece)
+            await response.write_eof()
+            return response
+        return web.Response(body=b"{}", headers={"Connection": "close"}, content_type="application/json")
+
+    async with fake_server(handler) as url:
+
+        def talk() -> bytearray:
+            with CallbackConnection(url) as conn:
+                conn.post(HEARTBEAT)
+                conn.post(HEARTBEAT)  # the first answer closed its connection: a new one carries this
+                return conn.fetch_blob("1")
+
+        blob = await asyncio.to_thread(talk)
+    assert bytes(blob) == b"abcdefgh" + b"i" * 70_000
+    assert len(peers) == 3 and len(set(peers)) == 3
+
+
+async def test_an_answer_that_is_not_http_is_retried_then_named() -> None:
+    """Garbage on the wire (not an HTTP answer) is treated like a broken connection: retried until the deadline."""
+    answered = 0
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        await reader.read(65536)
+        answered += 1
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(CallbackError, match="before the deadline") as caught:
+            await asyncio.to_thread(post_event, f"http://127.0.0.1:{port}/wove/events/t", HEARTBEAT, timeout=0.5)
+    assert answered >= 2
+    assert "BadAnswer" in str(caught.value)
