@@ -17,12 +17,16 @@ handle are pickled by it, so a worker whose task and result are plain never impo
 
 from __future__ import annotations
 
-import base64
 import binascii
+import functools
 import json
+import operator
 import pickle
+import sys
+import weakref
 import zlib
 from collections.abc import Mapping
+from types import CodeType, FunctionType
 from typing import Any, NamedTuple, Protocol
 
 from wove._types import EVENT_TYPES, Frame
@@ -40,6 +44,8 @@ __all__ = [
     "build_backend_payload",
     "build_backend_payload_for_run",
     "deserialize_frame",
+    "dumps_arguments",
+    "dumps_callable",
     "encode_frame",
     "error_info",
     "load_frame",
@@ -98,6 +104,124 @@ def _cloudpickle() -> Any:
             "cloudpickle is needed to pickle task callables and values: pip install 'wove[dispatch]'"
         ) from exc
     return cloudpickle
+
+
+class _Pickled:
+    """A pickle, its base64 text once needed, and for a memoized callable the state it was taken from."""
+
+    __slots__ = ("data", "names", "state", "text")
+
+    def __init__(self, data: bytes, state: tuple[Any, ...] | None = (), names: tuple[str, ...] = ()) -> None:
+        self.data = data
+        self.state = state  # None: a callable pickled by reference, which carries no state
+        self.names = names  # the global names a function's code mentions
+        self.text: str | None = None
+
+
+_MISSING = object()
+#: id(callable) -> (weak reference to it, its last pickle); an entry goes with its callable.
+_pickled_callables: dict[int, tuple[weakref.ref[Any], _Pickled]] = {}
+#: Code object -> names it (or any code nested in it) may read as globals.
+_code_names: weakref.WeakKeyDictionary[CodeType, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _global_names(code: CodeType) -> tuple[str, ...]:
+    names = _code_names.get(code)
+    if names is None:
+        found = dict.fromkeys(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, CodeType):
+                found.update(dict.fromkeys(_global_names(const)))
+        names = _code_names[code] = tuple(found)
+    return names
+
+
+def _function_state(fn: FunctionType, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """What cloudpickle captures when it pickles ``fn`` by value, by identity: code, defaults, closure cells, and
+    the current binding of every global name the code mentions."""
+    state: list[Any] = [fn.__code__, fn.__defaults__, fn.__kwdefaults__]
+    for cell in fn.__closure__ or ():
+        try:
+            state.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            state.append(_MISSING)
+    get = fn.__globals__.get
+    state.extend([get(name, _MISSING) for name in names])
+    return tuple(state)
+
+
+def _same_state(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    return len(old) == len(new) and all(map(operator.is_, old, new))
+
+
+def _forget_callable(key: int, ref: weakref.ref[Any]) -> None:
+    item = _pickled_callables.get(key)
+    if item is not None and item[0] is ref:
+        del _pickled_callables[key]
+
+
+def dumps_callable(fn: Any, what: str) -> _Pickled:
+    """Pickle a task callable, reusing the pickle of an earlier run of the same callable object when it still holds.
+
+    A mapped task submits one callable once per item; pickling it each time (by value, for a function defined in a
+    weave block or in ``__main__``) costs tens of microseconds. The pickle is kept per function or class object and
+    reused:
+
+    * always, when cloudpickle pickles it by reference (an importable name carries no state);
+    * for a function pickled by value, while its code, defaults, closure cells and the objects bound to the global
+      names it mentions are *the same objects* as when it was pickled. Rebinding such a global (``LIMIT = 5``) or a
+      closure variable makes the next run pickle afresh; mutating one of those objects in place (``CONFIG["k"] = 1``)
+      does not, so later runs see the object as it was at the first pickle (Ray and Dask likewise ship a function's
+      state once).
+
+    Other callables (bound methods, ``functools.partial``, callable instances, classes pickled by value) are pickled
+    every time.
+    """
+    is_function = isinstance(fn, FunctionType)
+    if not is_function and not isinstance(fn, type):
+        return _Pickled(dumps(fn, what))
+    key = id(fn)
+    item = _pickled_callables.get(key)
+    alive: Any = item[0]() if item is not None else None
+    if item is not None and alive is not None and id(alive) == key:  # the very callable (ids of live objects differ)
+        entry = item[1]
+        if entry.state is None:
+            return entry
+        if is_function and fn.__code__ is entry.state[0] and _same_state(entry.state, _function_state(fn, entry.names)):
+            return entry
+    names = _global_names(fn.__code__) if is_function else ()
+    state = _function_state(fn, names) if is_function else None
+    data = dumps(fn, what)
+    if _by_reference(fn):
+        state = None
+    elif state is None:  # a class pickled by value: its namespace may change at any time
+        return _Pickled(data)
+    entry = _Pickled(data, state, names)
+    _pickled_callables[key] = (weakref.ref(fn, functools.partial(_forget_callable, key)), entry)
+    return entry
+
+
+#: Argument values of these exact types pickle the same with the standard pickler as with cloudpickle.
+_PLAIN_TYPES = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def dumps_arguments(args: dict[str, Any], what: str) -> bytes:
+    """Pickle a task's keyword arguments: the standard pickler for plain values (no cloudpickle set-up), else
+    cloudpickle (a value of a class defined in ``__main__`` must travel by value)."""
+    if all(type(value) in _PLAIN_TYPES for value in args.values()):
+        return pickle.dumps(args, protocol=_PROTOCOL)
+    return dumps(args, what)
+
+
+def _by_reference(fn: Any) -> bool:
+    """Whether cloudpickle pickles ``fn`` by reference (module and name), as it does for importable objects."""
+    check = getattr(sys.modules.get("cloudpickle.cloudpickle"), "_should_pickle_by_reference", None)
+    if check is None:
+        return False
+    try:
+        return bool(check(fn))
+    except Exception:
+        return False
 
 
 def dumps(value: Any, what: str) -> bytes:
@@ -164,6 +288,26 @@ def loads(data: bytes | bytearray | memoryview, what: str) -> Any:
         raise PayloadError(f"cannot unpickle {what}: {type(exc).__name__}: {exc}") from exc
 
 
+# base64 through binascii directly: the base64 module (and the struct module it loads) stays out of a cold worker.
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+if sys.version_info >= (3, 11):
+
+    def _a2b_strict(data: bytes) -> bytes:
+        """Decode base64, refusing anything but the alphabet and correct padding (``binascii.Error``)."""
+        return binascii.a2b_base64(data, strict_mode=True)
+
+else:  # pragma: no cover - Python 3.10
+
+    def _a2b_strict(data: bytes) -> bytes:
+        import re
+
+        if not re.fullmatch(rb"[A-Za-z0-9+/]*={0,2}", data):
+            raise binascii.Error("Non-base64 digit found")
+        return binascii.a2b_base64(data)
+
+
 def b64encode(data: bytes | bytearray | memoryview) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
@@ -172,14 +316,24 @@ def b64decode(text: object, what: str) -> bytes:
     if not isinstance(text, str):
         raise FrameError("bad_frame", f"{what} must be a base64 string")
     try:
-        return base64.b64decode(text, validate=True)
+        return _a2b_strict(text.encode("ascii"))
     except (binascii.Error, ValueError) as exc:
         raise FrameError("bad_base64", f"{what} is not valid base64") from exc
 
 
+#: One encoder for every compact dump (``json.dumps`` with options builds a new encoder per call).
+_encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_decode_json = json.JSONDecoder().decode
+
+
+def _loads(data: bytes | bytearray | memoryview) -> Any:
+    """Parse UTF-8 JSON (``ValueError`` when it is not); skips ``json.loads``' encoding detection."""
+    return _decode_json(str(data, "utf-8"))
+
+
 def _json_bytes(value: Mapping[str, Any], what: str) -> bytes:
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return _encode_json(value).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} is not JSON-safe: {exc}") from exc
 
@@ -187,9 +341,27 @@ def _json_bytes(value: Mapping[str, Any], what: str) -> bytes:
 # -- payloads -------------------------------------------------------------------------------------------------------
 
 
+#: Delivery settings already found JSON-safe, as frozensets of (key, type, value): every run of a task has the same.
+_safe_deliveries: set[frozenset[tuple[Any, ...]]] = set()
+
+
+def _check_delivery(delivery: dict[str, Any]) -> None:
+    try:
+        key: frozenset[tuple[Any, ...]] | None = frozenset((k, type(v), v) for k, v in delivery.items())
+    except TypeError:  # an unhashable value
+        key = None
+    if key is not None and key in _safe_deliveries:
+        return
+    _json_bytes(delivery, "the delivery settings")
+    if key is not None:
+        if len(_safe_deliveries) >= 256:
+            _safe_deliveries.clear()
+        _safe_deliveries.add(key)
+
+
 def _payload(frame: Mapping[str, Any], callback_url: str, adapter: str, body: Mapping[str, Any]) -> dict[str, Any]:
     delivery = dict(frame.get("delivery") or {})
-    _json_bytes(delivery, "the delivery settings")
+    _check_delivery(delivery)
     return {
         "version": PAYLOAD_VERSION,
         "adapter": adapter,
@@ -203,7 +375,7 @@ def _payload(frame: Mapping[str, Any], callback_url: str, adapter: str, body: Ma
     }
 
 
-def _pickle_body(frame: Mapping[str, Any]) -> dict[str, bytes]:
+def _pickle_body(frame: Mapping[str, Any]) -> dict[str, _Pickled]:
     if frame.get("type") != "run_task":
         raise PayloadError(f"a backend payload is built from a run_task frame, not {frame.get('type')!r}")
     missing = [key for key in ("run_id", "task_id", "task_name", "callable") if key not in frame]
@@ -211,14 +383,21 @@ def _pickle_body(frame: Mapping[str, Any]) -> dict[str, bytes]:
         raise PayloadError(f"run_task frame lacks {', '.join(missing)}")
     name = frame["task_name"]
     return {
-        "callable_pickle": dumps(frame["callable"], f"the callable of task {name!r}"),
-        "args_pickle": dumps(dict(frame.get("args") or {}), f"the arguments of task {name!r}"),
+        "callable_pickle": dumps_callable(frame["callable"], f"the callable of task {name!r}"),
+        "args_pickle": _Pickled(dumps_arguments(dict(frame.get("args") or {}), f"the arguments of task {name!r}")),
     }
+
+
+def _text(pickled: _Pickled) -> str:
+    """The base64 text of a pickle, computed once per (memoized) pickle."""
+    if pickled.text is None:
+        pickled.text = b64encode(pickled.data)
+    return pickled.text
 
 
 def build_backend_payload(frame: Mapping[str, Any], *, callback_url: str, adapter: str) -> dict[str, Any]:
     """Build the JSON-safe payload that a backend worker executes."""
-    body = {key: b64encode(data) for key, data in _pickle_body(frame).items()}
+    body = {key: _text(pickled) for key, pickled in _pickle_body(frame).items()}
     return _payload(frame, callback_url, adapter, body)
 
 
@@ -233,14 +412,14 @@ def build_backend_payload_for_run(
     """
     callback_url = server.open_run(frame["run_id"])
     pickled = _pickle_body(frame)
-    inline = sum(_b64_len(data) for data in pickled.values())
+    inline = sum(_b64_len(item.data) for item in pickled.values())
     body: dict[str, Any] = {}
-    for key, data in sorted(pickled.items(), key=lambda item: -len(item[1])):
+    for key, item in sorted(pickled.items(), key=lambda pair: -len(pair[1].data)):
         if inline > inline_limit:
-            body[key] = {"ref": server.put_blob(frame["run_id"], data), "size": len(data)}
-            inline -= _b64_len(data)
+            body[key] = {"ref": server.put_blob(frame["run_id"], item.data), "size": len(item.data)}
+            inline -= _b64_len(item.data)
         else:
-            body[key] = b64encode(data)
+            body[key] = _text(item)
     return _payload(frame, callback_url, adapter, body)
 
 
@@ -275,7 +454,7 @@ def payload_to_b64(payload: Mapping[str, Any]) -> str:
     raw = _json_bytes(payload, "the payload")
     packed = zlib.compress(raw, 6)
     tag, data = (b"z", packed) if len(packed) < len(raw) else (b"j", raw)
-    return (tag + base64.urlsafe_b64encode(data).rstrip(b"=")).decode("ascii")
+    return (tag + binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=")).decode("ascii")
 
 
 def payload_from_b64(value: str) -> dict[str, Any]:
@@ -284,7 +463,8 @@ def payload_from_b64(value: str) -> dict[str, Any]:
     if not text or text[0] not in "zj":
         raise PayloadError("not a wove payload (expected the text payload_to_b64 produces)")
     try:
-        data = base64.b64decode(text[1:] + "=" * (-(len(text) - 1) % 4), altchars=b"-_", validate=True)
+        padded = text[1:] + "=" * (-(len(text) - 1) % 4)
+        data = _a2b_strict(padded.encode("ascii").translate(_FROM_URLSAFE))
     except (binascii.Error, ValueError) as exc:
         raise PayloadError("payload is not valid base64") from exc
     if text[0] == "z":
@@ -386,7 +566,7 @@ def split_frame(content_type: str, body: bytes | bytearray) -> tuple[dict[str, A
     if content_type == FRAME_CONTENT_TYPE:
         return _split_envelope(body)
     try:
-        header = json.loads(body)
+        header = _loads(body)
     except ValueError as exc:
         raise FrameError("bad_json", "body is not valid JSON") from exc
     if not isinstance(header, dict):
@@ -404,7 +584,7 @@ def _split_envelope(body: bytes | bytearray) -> tuple[dict[str, Any], dict[str, 
     if header_at < 0:
         raise FrameError("bad_envelope", "frame header length exceeds the body")
     try:
-        header = json.loads(body[header_at : size - _TRAILER])
+        header = _loads(memoryview(body)[header_at : size - _TRAILER])
     except ValueError as exc:
         raise FrameError("bad_json", "frame header is not valid JSON") from exc
     if not isinstance(header, dict) or not isinstance(header.get("_parts"), dict):

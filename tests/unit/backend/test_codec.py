@@ -337,3 +337,62 @@ def test_load_frame_requires_the_outcome() -> None:
     assert info.value.reason == "bad_pickle"
     frame = codec.load_frame({"type": "task_error", "run_id": "r"}, {"exception_pickle": pickle.dumps(KeyError("k"))})
     assert frame["error"]["kind"] == "KeyError"  # built from the exception when missing
+
+
+# -- memoized callable pickles -----------------------------------------------------------------------------------------
+
+
+def _dynamic_function() -> tuple[object, dict[str, object]]:
+    """A function of a module that cannot be imported, so cloudpickle pickles it (and its globals) by value."""
+    namespace: dict[str, object] = {"__name__": "wove_test_not_importable", "LIMIT": 1, "SETTINGS": {"k": 1}}
+    exec("def reads(x):\n    return x + LIMIT + SETTINGS['k']\n", namespace)
+    return namespace["reads"], namespace
+
+
+def test_a_callable_is_pickled_once_while_its_state_holds() -> None:
+    fn, namespace = _dynamic_function()
+    first = codec.dumps_callable(fn, "t")
+    assert codec.dumps_callable(fn, "t") is first and pickle.loads(first.data)(1) == 3
+    namespace["SETTINGS"]["k"] = 100  # type: ignore[index]  # mutated in place: the first pickle is kept
+    assert codec.dumps_callable(fn, "t") is first
+    namespace["LIMIT"] = 5  # rebound: pickled afresh, with what the objects hold now
+    rebound = codec.dumps_callable(fn, "t")
+    assert rebound is not first and pickle.loads(rebound.data)(1) == 106
+
+
+def test_importable_callables_are_pickled_by_reference_once() -> None:
+    entry = codec.dumps_callable(backend_tasks.add, "t")
+    assert entry.state is None and codec.dumps_callable(backend_tasks.add, "t") is entry
+
+
+def test_closures_are_memoized_per_function_object_and_dropped_with_it() -> None:
+    import gc
+
+    def make(offset: int):
+        def add(x: int) -> int:
+            return x + offset
+
+        return add
+
+    fn = make(3)
+    entry = codec.dumps_callable(fn, "t")
+    assert codec.dumps_callable(fn, "t") is entry and pickle.loads(entry.data)(1) == 4
+    assert codec.dumps_callable(make(3), "t") is not entry  # another object, another pickle
+    count = len(codec._pickled_callables)
+    del fn, entry
+    gc.collect()
+    assert len(codec._pickled_callables) < count
+
+
+def test_other_callables_are_pickled_every_time() -> None:
+    import functools
+
+    part = functools.partial(backend_tasks.add, 1)
+    assert codec.dumps_callable(part, "t") is not codec.dumps_callable(part, "t")
+
+
+def test_plain_arguments_skip_cloudpickle_and_others_do_not() -> None:
+    plain = {"a": 1, "b": "x", "c": None, "d": 1.5, "e": b"y"}
+    assert codec.dumps_arguments(plain, "args") == pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
+    tricky = {"f": lambda: 1}
+    assert pickle.loads(codec.dumps_arguments(tricky, "args"))["f"]() == 1
