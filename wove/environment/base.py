@@ -22,7 +22,7 @@ Event frames all carry ``type`` and ``run_id`` (and ``task_id`` when known)::
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -49,6 +49,13 @@ class EnvironmentExecutor(abc.ABC):
     @abc.abstractmethod
     async def recv(self) -> Frame:
         """Return the next event frame, waiting until one exists."""
+
+    def deliver_to(self, sink: Callable[[Frame], None]) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Optionally hand event frames to ``sink`` (in the runtime's loop) instead of queueing them for ``recv``.
+
+        The runtime calls this once, right after ``start``. An executor that takes the offer skips a queue hop per
+        frame; ``recv`` must still raise when the executor fails, so the runtime notices. Ignoring it is fine.
+        """
 
     @abc.abstractmethod
     async def stop(self) -> None:

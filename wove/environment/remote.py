@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,7 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         self.server: BackendCallbackServer | None = None
         self.inline_payload_limit: int | None = None
         self._events: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
+        self._sink: Callable[[Frame], None] = self._events.put_nowait
         self._runs: dict[str, _Run] = {}
         self._pump: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,6 +111,7 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         from wove.backend import BackendCallbackServer
 
         self.server = BackendCallbackServer(**_server_options(config))
+        self.server.deliver_to(self._accept_quietly)
         await self.server.start()
         assert self.server.public_url is not None  # set by start()
         self._pump = self._loop.create_task(self._pump_frames())
@@ -230,6 +232,9 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
 
     # -- events ----------------------------------------------------------------------------------------------
 
+    def deliver_to(self, sink: Callable[[Frame], None]) -> None:
+        self._sink = sink
+
     async def recv(self) -> Frame:
         """The next event frame; raises once the callback server failed, so the runtime retires the environment."""
         item = await self._events.get()
@@ -243,12 +248,7 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         assert self.server is not None
         try:
             while True:
-                frame = await self.server.recv()
-                try:
-                    self._accept(frame)
-                except Exception:
-                    logger.exception("environment %r: could not annotate a %s frame", self.name, frame.get("type"))
-                    self._events.put_nowait(frame)
+                self._accept_quietly(await self.server.recv())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -258,6 +258,14 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
                 failure = BackendUnavailableError(message, environment=self.name)
                 failure.__cause__ = exc
                 self._events.put_nowait(failure)
+
+    def _accept_quietly(self, frame: Frame) -> None:
+        """Where the callback server delivers each frame (directly, or through ``recv`` in the pump)."""
+        try:
+            self._accept(frame)
+        except Exception:
+            logger.exception("environment %r: could not annotate a %s frame", self.name, frame.get("type"))
+            self._sink(frame)
 
     def _on_adapter_event(self, frame: Frame) -> None:
         """Event sink handed to the adapter; callable from any thread."""
@@ -305,7 +313,7 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
                 frame.setdefault("host", run.host)
             if run.pid is not None:
                 frame.setdefault("pid", run.pid)
-        self._events.put_nowait(frame)
+        self._sink(frame)
 
 
 def _number(value: Any, default: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import threading
 from collections import deque
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wove._types import Frame
 from wove.config import Settings, current_settings, on_change
 from wove.environment.base import EnvironmentExecutor
 from wove.environment.local import LocalEnvironmentExecutor
@@ -237,8 +239,15 @@ class ExecutorRuntime:
             raise BackendUnavailableError(
                 f"environment {env.name!r} failed to start: {type(exc).__name__}: {exc}", environment=env.name
             ) from exc
+        env.executor.deliver_to(functools.partial(self._on_frame, env.name))
         env.receiver = asyncio.get_running_loop().create_task(self._receive(env))
         logger.debug("environment %r started", env.name)
+
+    def _on_frame(self, environment: str, frame: Frame) -> None:
+        try:
+            self._runs.on_frame(environment, frame)
+        except Exception:
+            logger.exception("environment %r: error while handling a frame; the frame was dropped", environment)
 
     async def _receive(self, env: _Environment) -> None:
         while True:
@@ -251,10 +260,7 @@ class ExecutorRuntime:
                 why = f"its executor failed ({type(exc).__name__}: {exc})"
                 await self._stop_environment(env, why, may_requeue=True)
                 return
-            try:
-                self._runs.on_frame(env.name, frame)
-            except Exception:
-                logger.exception("environment %r: error while handling a frame; the frame was dropped", env.name)
+            self._on_frame(env.name, frame)
 
     def _retire(self, env: _Environment, why: str, *, may_requeue: bool) -> None:
         """Take an environment out of service; its pending runs meet their orphan policy."""

@@ -430,3 +430,25 @@ async def test_closing_a_run_drops_its_upload(server: BackendCallbackServer) -> 
     assert set(server._uploads) == {"r"}
     server.close_run("r")
     assert not server._uploads
+
+
+async def test_a_sink_takes_frames_instead_of_recv_and_its_failure_still_acknowledges(
+    server: BackendCallbackServer,
+) -> None:
+    taken: list[dict[str, object]] = []
+
+    def sink(frame: dict[str, object]) -> None:
+        taken.append(frame)
+        if frame["type"] == "task_result":
+            raise RuntimeError("the owner failed")
+
+    server.deliver_to(sink)
+    url = server.open_run("r1")
+    await asyncio.to_thread(post_event, url, {"type": "heartbeat", "run_id": "r1"})
+    await asyncio.to_thread(post_event, url, {"type": "task_result", "run_id": "r1", "result": 7})
+    assert [frame["type"] for frame in taken] == ["heartbeat", "task_result"] and taken[1]["result"] == 7
+    assert "r1" not in server.pending_runs  # the terminal frame closed the run even though the sink failed
+    await no_frame(server)
+    server.deliver_to(None)
+    await asyncio.to_thread(post_event, server.callback_url, {"type": "heartbeat", "run_id": "r2"})
+    assert (await recv(server))["run_id"] == "r2"
