@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -171,6 +172,12 @@ async def _until_result(server: BackendCallbackServer, run_id: str) -> dict[str,
             return frame
 
 
+def _children_cpu() -> float:
+    """CPU seconds used by waited-for child processes (the posters), user and system."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -204,6 +211,8 @@ async def ingest(quick: bool) -> None:
             for _ in procs:
                 await server.recv()  # the warm-up task_started frames
             started = time.perf_counter()
+            cpu_started = time.process_time()
+            children_started = _children_cpu()
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write(b"go\n")
@@ -217,8 +226,10 @@ async def ingest(quick: bool) -> None:
             except asyncio.TimeoutError:
                 pass
             elapsed = time.perf_counter() - started
+            server_cpu = time.process_time() - cpu_started
             for proc in procs:
                 await proc.wait()
+            client_cpu = _children_cpu() - children_started
             rows.append(
                 [
                     client,
@@ -227,12 +238,14 @@ async def ingest(quick: bool) -> None:
                     f"{received / elapsed:,.0f}",
                     str(each * posters - received),
                     f"{elapsed:.2f}",
+                    f"{server_cpu / max(received, 1) * 1e6:.0f}",
+                    f"{client_cpu / max(received, 1) * 1e6:.0f}",
                 ]
             )
     _table(
         "callback ingest (heartbeat frames over run URLs, one keep-alive connection per poster; 'raw socket' "
         "posters cost almost nothing, so their rows show the server's own ceiling)",
-        ["client", "posters", "frames", "frames/s", "lost", "seconds"],
+        ["client", "posters", "frames", "frames/s", "lost", "seconds", "server us/frame", "client us/frame"],
         rows,
     )
 
