@@ -12,15 +12,23 @@ react to the signal, and after posting the previous handler runs and the process
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 import threading
 import time
+from _queue import SimpleQueue  # the C queue itself: queue.py would import heapq too
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from queue import SimpleQueue
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import signal
+else:
+    try:  # the C module: signal.py turns every constant into an enum member at import (a cold worker's 1-2 ms)
+        import _signal as signal
+    except ImportError:  # pragma: no cover - not CPython
+        import signal
 
 from wove.backend import codec
 from wove.backend.client import CallbackConnection
@@ -46,6 +54,11 @@ DEFAULT_CANCEL_DEADLINE = 5.0
 OFFLOAD_BYTES = 1 << 20
 #: Exit status after SIGTERM, as a shell reports a process killed by it.
 EXIT_SIGTERM = 128 + signal.SIGTERM
+#: How ``run_payload`` posts ``task_started``: wait for the answer, pipeline it, or only if the run lasts.
+START_WAIT, START_PIPELINED, START_LAZY = "wait", "pipelined", "lazy"
+#: A lazily started run that lasts this many seconds gets its ``task_started`` (checked every ``LAZY_START_POLL``).
+LAZY_START_AFTER = 0.05
+LAZY_START_POLL = 0.025
 
 
 def _logger() -> logging.Logger:
@@ -68,13 +81,15 @@ class _Job:
         self.interval: float | None = None
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
             self.interval = max(seconds / HEARTBEATS_PER_WINDOW, MIN_HEARTBEAT_INTERVAL)
+        #: Fields every later frame carries (a lazily started run's start, in its terminal frame).
+        self.extra: dict[str, Any] = {}
 
     def frame(self, kind: str, **fields: Any) -> dict[str, Any]:
         """An event frame of this run; ``at`` is the worker's clock (the submitting side may stamp timings with it)."""
-        return {"type": kind, "run_id": self.run_id, "task_id": self.task_id, "at": time.time(), **fields}
+        return {"type": kind, "run_id": self.run_id, "task_id": self.task_id, "at": time.time(), **self.extra, **fields}
 
     def started(self) -> dict[str, Any]:
-        return self.frame("task_started", host=socket.gethostname(), pid=os.getpid())
+        return self.frame("task_started", host=_hostname(), pid=os.getpid())
 
     def failed(self, exc: BaseException, source: str) -> dict[str, Any]:
         return self.frame("task_error", exception=exc, error=codec.error_info(exc, source=source))
@@ -89,6 +104,55 @@ class _Job:
         if not callable(fn) or not isinstance(kwargs, dict):
             raise PayloadError(f"payload of task {self.task_name!r} does not hold a callable and a keyword dict")
         return fn, kwargs
+
+
+_host: list[str] = []
+
+
+def _hostname() -> str:
+    if not _host:
+        _host.append(socket.gethostname())
+    return _host[0]
+
+
+#: Unpickled callables of recent runs, by their pickle's base64 text (see :func:`_load_callable`).
+_callables: OrderedDict[str, Any] = OrderedDict()
+_callables_lock = threading.Lock()
+CALLABLE_CACHE_SIZE = 64
+#: Pickles longer than this (base64 characters) are not cached.
+CALLABLE_CACHE_TEXT = 64 * 1024
+
+
+def _load_callable(conn: CallbackConnection, field: Any, what: str) -> Any:
+    """Load a run's callable, reusing the object unpickled for an earlier run with the very same pickle.
+
+    A mapped task sends one pickle per item; unpickling a function by value builds its code object and globals
+    each time. Reusing the object means a long-lived worker keeps a by-value function's globals and closure
+    between runs of the same pickle, exactly as it keeps an importable function's module state.
+    """
+    fn = _cached_callable(field)
+    if fn is None:
+        fn = _load_sync(conn, field, what)
+        _cache_callable(field, fn)
+    return fn
+
+
+def _cached_callable(field: Any) -> Any:
+    if not isinstance(field, str):
+        return None
+    with _callables_lock:
+        fn = _callables.get(field)
+        if fn is not None:
+            _callables.move_to_end(field)
+    return fn
+
+
+def _cache_callable(field: Any, fn: Any) -> None:
+    if isinstance(field, str) and len(field) <= CALLABLE_CACHE_TEXT and callable(fn):
+        with _callables_lock:
+            _callables[field] = fn
+            if len(_callables) > CALLABLE_CACHE_SIZE:
+                _callables.popitem(last=False)
 
 
 class _Outcome(NamedTuple):
@@ -179,18 +243,34 @@ class RunTrace:
         self.task_exception: BaseException | None = None
 
 
-def run_payload(payload: Mapping[str, Any], trace: RunTrace) -> Any:
-    """:func:`run_backend_payload`, recording in ``trace`` the exception the task itself raised (if any)."""
+def run_payload(payload: Mapping[str, Any], trace: RunTrace, *, start: str = START_WAIT) -> Any:
+    """:func:`run_backend_payload`, recording in ``trace`` the exception the task itself raised (if any).
+
+    ``start`` says how ``task_started`` goes out:
+
+    * ``"wait"`` (the default): posted, and the task runs once the server accepted it. A refusal (the run is no
+      longer pending) stops a duplicate delivery of a resolved run from running the task again.
+    * ``"pipelined"``: the task starts as soon as the frame is sent; the answer is read before the next frame goes
+      out, so frames stay in order and a refusal still ends the run, only after the task ran.
+    * ``"lazy"``: a run that ends within ``LAZY_START_AFTER`` seconds posts no ``task_started``; its terminal frame
+      carries ``started_at``, ``host`` and ``pid`` instead (``BackendAdapterEnvironmentExecutor`` turns them back
+      into a ``task_started`` frame). A longer run gets its ``task_started`` from a watchdog thread, in order.
+      Runs with heartbeats start as ``"pipelined"``.
+
+    The last two are for backends that never deliver a payload twice (the ``process`` pool).
+    """
     _refuse_running_loop()
     job = _Job(payload)
     trace.task_name = job.task_name
     with CallbackConnection(job.callback_url) as conn:
         try:
-            fn, kwargs = job.checked(*(_load_sync(conn, field, what) for _, field, what in job.body_fields()))
+            callable_field, args_field = job.body_fields()
+            fn = _load_callable(conn, callable_field[1], callable_field[2])
+            fn, kwargs = job.checked(fn, _load_sync(conn, args_field[1], args_field[2]))
         except (PayloadError, BackendUnavailableError) as exc:
             _post_quietly(conn, job.failed(exc, "worker"))
             raise
-        return _SyncRun(job, conn, trace).run(fn, kwargs)
+        return _SyncRun(job, conn, trace, start).run(fn, kwargs)
 
 
 def _load_sync(conn: CallbackConnection, field: Any, what: str) -> Any:
@@ -205,13 +285,105 @@ def _post_quietly(conn: CallbackConnection, frame: Mapping[str, Any], deadline: 
         _logger().warning("could not post %s frame: %s", frame.get("type"), exc)
 
 
+class _LazyStart:
+    """A run whose ``task_started`` is posted only if it lasts (see :func:`run_payload`)."""
+
+    __slots__ = ("began", "done", "job", "lock", "posted", "started_at")
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.began = time.monotonic()
+        self.started_at = time.time()
+        self.lock = threading.Lock()
+        self.done = False
+        self.posted = False
+
+    def post_started(self) -> None:
+        """In the watchdog thread. The lock is held while posting, so the run's terminal frame waits for it."""
+        with self.lock:
+            if self.done or self.posted:
+                return
+            self.posted = True
+            frame = self.job.frame("task_started", started_at=self.started_at, host=_hostname(), pid=os.getpid())
+            try:
+                with CallbackConnection(self.job.callback_url) as conn:
+                    conn.post(frame)
+            except (CallbackError, PayloadError) as exc:
+                _logger().warning("could not post task_started of run %r: %s", self.job.run_id, exc)
+
+    def finish(self) -> bool:
+        """The run ended: ``True`` when its ``task_started`` went out (the terminal frame need not carry it)."""
+        with self.lock:
+            self.done = True
+            return self.posted
+
+
+def _end_lazy_start(job: _Job, lazy: _LazyStart | None) -> None:
+    if lazy is not None:
+        _watchdog.forget(lazy)
+        if not lazy.finish():
+            job.extra = {"started_at": lazy.started_at, "host": _hostname(), "pid": os.getpid()}
+
+
+class _StartWatchdog:
+    """One thread per process that posts ``task_started`` for lazily started runs once they outlast the grace.
+
+    It polls every ``LAZY_START_POLL`` seconds while runs come in and sleeps when none does, so a short run costs
+    no thread wake-up at all.
+    """
+
+    def __init__(self) -> None:
+        self.current: _LazyStart | None = None
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def watch(self, job: _Job) -> _LazyStart:
+        lazy = _LazyStart(job)
+        self.current = lazy
+        if not self.wake.is_set():
+            self.wake.set()
+        if self.thread is None or not self.thread.is_alive():
+            with self.lock:
+                if self.thread is None or not self.thread.is_alive():
+                    self.thread = threading.Thread(target=self._serve, name="wove-start-watchdog", daemon=True)
+                    self.thread.start()
+        return lazy
+
+    def forget(self, lazy: _LazyStart) -> None:
+        if self.current is lazy:
+            self.current = None
+
+    def _serve(self) -> None:
+        idle = 0
+        while True:
+            self.wake.wait()
+            time.sleep(LAZY_START_POLL)
+            lazy = self.current
+            if lazy is None:
+                idle += 1
+                if idle * LAZY_START_POLL >= 1.0:  # nothing ran for a second: sleep until the next run
+                    self.wake.clear()
+                    if self.current is not None:
+                        self.wake.set()
+                    idle = 0
+                continue
+            idle = 0
+            if not lazy.done and time.monotonic() - lazy.began >= LAZY_START_AFTER:
+                lazy.post_started()
+
+
+_watchdog = _StartWatchdog()
+
+
 class _SyncRun:
     """One run of a payload in this thread, with heartbeats and (in the main thread) SIGTERM handling."""
 
-    def __init__(self, job: _Job, conn: CallbackConnection, trace: RunTrace) -> None:
+    def __init__(self, job: _Job, conn: CallbackConnection, trace: RunTrace, start: str = START_WAIT) -> None:
         self.job = job
         self.conn = conn
         self.trace = trace
+        self.start = start
         self.beating = job.interval is not None
         self.handling = False
         self.previous: Any = None
@@ -221,15 +393,23 @@ class _SyncRun:
 
     def run(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         self._install()
+        lazy: _LazyStart | None = None
         try:
-            self.conn.post(self.job.started())
+            if self.start == START_LAZY and not self.beating and not self.handling:
+                lazy = _watchdog.watch(self.job)
+            elif self.start != START_WAIT:
+                self.conn.post_unanswered(self.job.started())
+            else:
+                self.conn.post(self.job.started())
             try:
                 outcome = None if self.terminated else self._execute(fn, kwargs)
             except _Terminated:
                 outcome = None
             except BaseException:  # KeyboardInterrupt and the like: the run ends without an outcome
+                _end_lazy_start(self.job, lazy)
                 _post_quietly(self.conn, self.job.frame("task_cancelled"), self._cancel_deadline())
                 raise
+            _end_lazy_start(self.job, lazy)
             if outcome is None:
                 _post_quietly(self.conn, self.job.frame("task_cancelled"), self._cancel_deadline())
                 self._uninstall()
@@ -338,8 +518,12 @@ async def run_backend_payload_async(payload: Mapping[str, Any], *, session: aioh
     job = _Job(payload)
     async with AsyncCallbackConnection(job.callback_url, session=session) as conn:
         try:
-            loaded = [await _load_async(conn, field, what) for _, field, what in job.body_fields()]
-            fn, kwargs = job.checked(*loaded)
+            (_, callable_field, callable_what), (_, args_field, args_what) = job.body_fields()
+            fn = _cached_callable(callable_field)
+            if fn is None:
+                fn = await _load_async(conn, callable_field, callable_what)
+                _cache_callable(callable_field, fn)
+            fn, kwargs = job.checked(fn, await _load_async(conn, args_field, args_what))
         except (PayloadError, BackendUnavailableError) as exc:
             await _apost_quietly(conn, job.failed(exc, "worker"))
             raise

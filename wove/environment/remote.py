@@ -171,6 +171,15 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         except Exception as exc:
             self._submit_failed(run, exc)
             return
+        try:
+            with self.adapter.translate_errors("submit", run_id=run_id):
+                submission = self.adapter.submit_nowait(payload, frame)
+        except Exception as exc:
+            self._submit_failed(run, exc)
+            return
+        if submission is not NotImplemented:
+            run.submission = submission
+            return
         assert self._loop is not None
         run.submitting = self._loop.create_task(self._submit(run, payload, frame))
 
@@ -297,6 +306,14 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         if run is not None:
             now = time.time()
             kind = frame.get("type")
+            if kind in TERMINAL_EVENTS and run.started_at is None and "started_at" in frame:
+                # A short run on a lazily starting worker carries its start in its terminal frame: give the
+                # runtime the task_started it would have seen (wove.backend.worker.run_payload, start="lazy").
+                started = {"type": "task_started", "run_id": run.run_id, "task_id": frame.get("task_id", run.task_id)}
+                for key in ("started_at", "host", "pid"):
+                    if key in frame:
+                        started[key] = frame[key]
+                self._accept(started)
             frame.setdefault("submitted_at", run.submitted_at)
             if kind == "task_started":
                 run.started_at = _number(frame.get("started_at", frame.get("at")), now)
@@ -305,6 +322,11 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
             elif kind in TERMINAL_EVENTS:
                 del self._runs[run.run_id]
                 frame.setdefault("finished_at", _number(frame.get("at"), now))
+                if self.adapter is not None:
+                    try:
+                        self.adapter.run_ended(run.run_id)
+                    except Exception:
+                        logger.exception("environment %r: the adapter's run_ended failed", self.name)
             if run.submission is not None:  # a worker may start before submit() returned: stamp every frame
                 frame.setdefault("submission", str(run.submission))
             if run.started_at is not None:

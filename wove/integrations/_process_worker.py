@@ -4,8 +4,10 @@ Protocol, one JSON object per line (payloads are JSON-safe, so a line never cont
 
 - parent -> worker: ``{"op": "init", "entrypoint": "module:function"}`` once, then
   ``{"op": "run", "payload": {...}}`` per task. End of input means exit.
-- worker -> parent: ``{"op": "ready", "pid", "host"}`` once imports are warm, then ``{"op": "done", "run_id"}``
-  after each payload, once its events were posted to the callback URL.
+- worker -> parent: ``{"op": "ready", "pid", "host"}`` once imports are warm. A run whose terminal frame reached the
+  callback server needs no line: the pool hears of it from the executor (``ProcessAdapter.run_ended``). Any other
+  run ends with ``{"op": "free", "run_id"}``, and ``{"op": "undelivered", "run_id"}`` follows when its outcome
+  could not be posted.
 
 The worker runs each payload through the same entrypoint real backends use, so events travel back over the
 callback HTTP server, never over this pipe. The pipe only tells the pool when the worker is free again.
@@ -69,7 +71,18 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes], entrypoint: Callable[..., 
     from wove.errors import BackendUnavailableError, CallbackError, PayloadError
 
     run = entrypoint
-    if inspect.iscoroutinefunction(entrypoint):
+    from wove.backend import worker as backend_worker
+
+    reports_end = entrypoint is backend_worker.run_backend_payload
+    trace = backend_worker.RunTrace()
+    if reports_end:
+        # The pool never hands a payload out twice, so a run need not wait for its task_started to be accepted,
+        # and a short run folds its start into its terminal frame (see wove.backend.worker.run_payload). The pool
+        # learns the run ended from that terminal frame, so nothing goes back on the pipe unless it failed.
+        def run(payload: Any) -> Any:
+            return backend_worker.run_payload(payload, trace, start=backend_worker.START_LAZY)
+
+    elif inspect.iscoroutinefunction(entrypoint):
         import asyncio
 
         loop = asyncio.new_event_loop()
@@ -82,19 +95,29 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes], entrypoint: Callable[..., 
     code = 0
     for line in proto_in:
         payload = json.loads(line)["payload"]
+        run_id = payload.get("run_id")
+        ended = False  # its terminal frame reached the callback server
+        trace.task_exception = None
         try:
             run(payload)
+            ended = reports_end
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
             break
-        except (CallbackError, PayloadError, BackendUnavailableError) as exc:
-            # The run could not be loaded or its events not delivered: worth a line on stderr.
-            print(f"wove process worker: run {payload.get('run_id')}: {exc}", file=sys.stderr)
-        except BaseException:
-            pass  # the task's own exception, already reported to the weave as task_error
+        except BaseException as exc:
+            if exc is trace.task_exception:
+                ended = reports_end  # the task's own exception, already reported to the weave as task_error
+            elif isinstance(exc, (CallbackError, PayloadError, BackendUnavailableError)):
+                # The run could not be loaded or its events not delivered: worth a line on stderr.
+                print(f"wove process worker: run {run_id}: {exc}", file=sys.stderr)
+                if isinstance(exc, CallbackError) and exc.reason != "run_not_pending":
+                    _send(proto_out, {"op": "free", "run_id": run_id})
+                    _send(proto_out, {"op": "undelivered", "run_id": run_id})
+                    continue
         sys.stdout.flush()
         sys.stderr.flush()
-        _send(proto_out, {"op": "done", "run_id": payload.get("run_id")})
+        if not ended:
+            _send(proto_out, {"op": "free", "run_id": run_id})
     codes.append(code)
 
 

@@ -119,6 +119,14 @@ class BackendAdapter(abc.ABC):
         (or any exception; the executor wraps it) when the backend refuses it.
         """
 
+    def submit_nowait(self, payload: Frame, frame: Frame) -> Any:
+        """Optional fast path for a backend whose submission never waits (a local queue, a pipe).
+
+        Return the submission as ``submit`` would, synchronously and without blocking; the default returns
+        ``NotImplemented``, and the executor then awaits ``submit`` in a task of its own.
+        """
+        return NotImplemented
+
     @abc.abstractmethod
     async def cancel(self, run_id: str, submission: Any, frame: Frame) -> None:
         """Best-effort stop of one job: revoke it if queued, terminate it if the backend can.
@@ -129,6 +137,13 @@ class BackendAdapter(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release clients and pools. Must be safe to call twice."""
+
+    def run_ended(self, run_id: str) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Called (in the event loop) once a run's terminal frame reached the executor, whoever sent it.
+
+        An adapter that watches jobs can stop watching this one; a pool can hand its worker the next payload.
+        It must not block.
+        """
 
     # -- helpers for subclasses ------------------------------------------------------------------------------
 

@@ -6,6 +6,11 @@ Celery or Slurm worker would; the pipe only tells the pool when a worker is free
 than ``multiprocessing``) are used because spawning never re-imports the user's ``__main__`` module and because a
 pipe write to an already-warm worker is the cheapest hand-off there is.
 
+A worker is free again once its run's terminal frame has reached the executor, which tells the pool
+(``run_ended``); the next payload is written then, while the worker is still reading the server's answer. So a
+run costs the pool one pipe write and no pipe read. The worker writes ``free`` itself only when a run ended
+without a terminal frame (its payload could not load, or its outcome could not be delivered).
+
 Config keys (``executor_config``): ``max_workers``/``workers`` (pool size, default ``os.cpu_count()``),
 ``min_workers`` (started eagerly by ``start``, default 1), ``python`` (interpreter, default this one),
 ``env`` (extra environment variables for workers).
@@ -57,13 +62,14 @@ class _Job:
     line: bytes
     worker: _Worker | None = None
     cancelled: bool = False
+    ended: bool = False  # its terminal frame reached the executor
 
 
 @dataclass(eq=False)
 class _Worker:
     process: asyncio.subprocess.Process
     ready: bool = False
-    job: _Job | None = None
+    job: _Job | None = None  # the run it was given and has not finished
     reader: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -80,7 +86,7 @@ class ProcessAdapter(BackendAdapter):
     #: fetched over HTTP is cheaper.
     inline_payload_limit: ClassVar[int | None] = 1 << 20
     #: ``module:function`` each worker calls with a payload (sync or async). The synchronous entrypoint posts over
-    #: a pooled keep-alive ``http.client`` connection, so workers never import aiohttp and reuse one socket.
+    #: a pooled keep-alive socket (``wove.backend.client``), so workers never import aiohttp and reuse one connection.
     worker_entrypoint: ClassVar[str] = "wove.backend.worker:run_backend_payload"
 
     def __init__(self, **kwargs: Any) -> None:
@@ -105,11 +111,21 @@ class ProcessAdapter(BackendAdapter):
 
     async def submit(self, payload: Frame, frame: Frame) -> ProcessSubmission:
         """Queue ``payload``; an idle worker takes it at once, otherwise the first one to free up does."""
+        return self._queue_run(payload, frame)
+
+    def submit_nowait(self, payload: Frame, frame: Frame) -> Any:
+        """Queuing on a pipe never waits: the executor may submit without a task per run (unless a subclass
+        changed ``submit``, which then must be used)."""
+        if type(self).submit is not ProcessAdapter.submit:
+            return NotImplemented
+        return self._queue_run(payload, frame)
+
+    def _queue_run(self, payload: Frame, frame: Frame) -> ProcessSubmission:
         if self._closed:
             raise SubmitError("the process pool is closed", environment=self.name, run_id=str(frame["run_id"]))
         run_id = str(frame["run_id"])
         message = {"op": "run", "payload": payload}
-        job = _Job(run_id, frame.get("task_id"), json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        job = _Job(run_id, frame.get("task_id"), _encode_line(message).encode() + b"\n")
         self._jobs[run_id] = job
         self._queue.append(job)
         self._dispatch()
@@ -117,17 +133,36 @@ class ProcessAdapter(BackendAdapter):
 
     async def cancel(self, run_id: str, submission: Any, frame: Frame) -> None:
         """Drop a queued run; kill the worker running a started one (a replacement is spawned)."""
-        job = self._jobs.pop(run_id, None)
-        if job is None:
+        job = self._jobs.get(run_id)
+        if job is None or job.ended:
             return
         job.cancelled = True
-        if job.worker is None:
+        worker = job.worker
+        if worker is None:
+            self._jobs.pop(run_id, None)
             self._queue.remove(job)
             return
-        worker = job.worker
+        if worker.job is not job:
+            return  # it ended meanwhile: nothing left to stop
         logger.debug("killing worker %d to cancel run %s", worker.pid, run_id)
         _kill(worker.process)
         await worker.process.wait()
+
+    def run_ended(self, run_id: str) -> None:
+        """The executor saw the run's terminal frame: the worker that ran it is free for the next payload."""
+        job = self._jobs.pop(run_id, None)
+        if job is None:
+            return
+        job.ended = True
+        worker = job.worker
+        if worker is not None and worker.job is job:
+            self._release(worker)
+
+    def _release(self, worker: _Worker) -> None:
+        worker.job = None
+        if worker.process.returncode is None and worker in self._workers and worker not in self._idle:
+            self._idle.append(worker)
+            self._dispatch()
 
     async def close(self) -> None:
         """Stop every worker: idle ones exit when their input closes, busy ones are killed."""
@@ -220,26 +255,37 @@ class ProcessAdapter(BackendAdapter):
         assert stdout is not None
         while line := await stdout.readline():
             message = json.loads(line)
-            if message.get("op") == "ready":
+            op = message.get("op")
+            job = worker.job
+            if op == "free":  # the run ended without a terminal frame (run_ended never comes for it)
+                if job is not None and job.run_id == message.get("run_id"):
+                    self._release(worker)
+            elif op == "undelivered":  # ... because its outcome could not be posted: tell the executor
+                self._lose(str(message.get("run_id")), "its worker could not deliver the outcome")
+            elif op == "done" and job is not None:  # a worker of an earlier wove: the run's events are posted
+                if self._jobs.get(job.run_id) is job:
+                    del self._jobs[job.run_id]
+                self._release(worker)
+            elif op == "ready":
                 worker.ready = True
                 self._startup_failures = 0
-            elif message.get("op") == "done":
-                job, worker.job = worker.job, None
-                if job is not None and self._jobs.get(job.run_id) is job:
-                    del self._jobs[job.run_id]
-            else:
-                continue
-            self._idle.append(worker)
-            self._dispatch()
+                self._release(worker)
         code = await worker.process.wait()
         self._worker_exited(worker, code)
+
+    def _lose(self, run_id: str, why: str) -> None:
+        job = self._jobs.pop(run_id, None)
+        if job is None or job.ended or job.cancelled:
+            return
+        logger.warning("environment %r: %s (run %s)", self.name, why, run_id)
+        self.report_lost({"run_id": job.run_id, "task_id": job.task_id}, why)
 
     def _worker_exited(self, worker: _Worker, code: int) -> None:
         self._workers.discard(worker)
         job, worker.job = worker.job, None
         if self._closed:
             return
-        if job is not None and not job.cancelled:
+        if job is not None and not job.cancelled and not job.ended:
             self._jobs.pop(job.run_id, None)
             message = f"worker process {worker.pid} exited with code {code} while running the task"
             logger.warning("environment %r: %s (run %s)", self.name, message, job.run_id)
@@ -277,6 +323,9 @@ class ProcessAdapter(BackendAdapter):
         if python != sys.executable:
             return [python, "-m", "wove.integrations._process_worker"]
         return [python, "-c", _BOOTSTRAP, json.dumps([entry or os.getcwd() for entry in sys.path])]
+
+
+_encode_line = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:

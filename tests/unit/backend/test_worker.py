@@ -212,3 +212,70 @@ async def test_a_second_worker_cannot_fetch_a_claimed_body(server: BackendCallba
         await runner(payload)
     assert (info.value.status, info.value.reason) == (404, "blob_not_found")
     await first
+
+
+# -- how task_started goes out, and the callable cache --------------------------------------------------------------
+
+
+def _run_with(payload: dict[str, Any], start: str) -> Any:
+    from wove.backend.worker import RunTrace, run_payload
+
+    return run_payload(payload, RunTrace(), start=start)
+
+
+async def test_a_pipelined_start_still_reaches_the_server_first(server: BackendCallbackServer) -> None:
+    payload = _payload(server, backend_tasks.add, a=2, b=3)
+    assert await asyncio.to_thread(_run_with, payload, "pipelined") == 5
+    started, result = await _frames_until_terminal(server)
+    assert started["type"] == "task_started" and result["result"] == 5
+
+
+async def test_a_pipelined_start_that_is_refused_ends_the_run(server: BackendCallbackServer) -> None:
+    payload = _payload(server, backend_tasks.add, a=2, b=3)
+    server.close_run("run-1")
+    with pytest.raises(CallbackError) as info:
+        await asyncio.to_thread(_run_with, payload, "pipelined")
+    assert info.value.reason == "run_not_pending"
+    await no_frame(server, 0.05)
+
+
+async def test_a_short_lazily_started_run_carries_its_start(server: BackendCallbackServer) -> None:
+    payload = _payload(server, backend_tasks.add, a=2, b=3)
+    assert await asyncio.to_thread(_run_with, payload, "lazy") == 5
+    (result,) = await _frames_until_terminal(server)
+    assert result["type"] == "task_result" and result["result"] == 5
+    assert result["started_at"] <= result["at"] and isinstance(result["host"], str) and isinstance(result["pid"], int)
+
+
+async def test_a_long_lazily_started_run_posts_task_started_in_order(server: BackendCallbackServer) -> None:
+    payload = _payload(server, backend_tasks.sleep_then, seconds=0.3, value="done")
+    assert await asyncio.to_thread(_run_with, payload, "lazy") == "done"
+    started, result = await _frames_until_terminal(server)
+    assert started["type"] == "task_started" and started["started_at"] <= started["at"]
+    assert result["type"] == "task_result" and "started_at" not in result
+
+
+async def test_a_lazily_started_failure_carries_its_start(server: BackendCallbackServer) -> None:
+    with pytest.raises(ValueError, match="kaput"):
+        await asyncio.to_thread(_run_with, _payload(server, backend_tasks.boom, message="kaput"), "lazy")
+    (error,) = await _frames_until_terminal(server)
+    assert error["type"] == "task_error" and "started_at" in error
+
+
+async def test_a_mapped_callable_is_unpickled_once_per_worker(server: BackendCallbackServer, runner) -> None:
+    import uuid
+
+    from wove.backend import worker
+
+    calls: list[Any] = [uuid.uuid4().hex]  # a pickle of its own, whatever other tests left in the cache
+
+    def task(x: int) -> list[Any]:  # pickled by value; its closure list is shared only if the object is reused
+        calls.append(x)
+        return calls[1:]
+
+    first = await runner(_payload(server, task, run_id="a", x=1))
+    second = await runner(_payload(server, task, run_id="b", x=2))
+    assert (first, second) == ([1], [1, 2])  # the second run got the very function object of the first
+    assert any(fn.__name__ == "task" for fn in worker._callables.values())
+    for _ in range(2):
+        await _frames_until_terminal(server)
