@@ -8,7 +8,6 @@ process-wide executor runtime as a ``RunRequest``. Retries and timeouts wrap eac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import threading
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from wove import tracing
 from wove.config import DELIVERY_KEYS, Settings
 from wove.environment.runs import RunRequest
 from wove.environment.runtime import CANCEL_ACK_TIMEOUT, get_runtime
@@ -112,6 +112,27 @@ def _plan(opts: Mapping[str, Any], weave_options: Mapping[str, Any], settings: S
         delivery=delivery,
         pool=pool,
     )
+
+
+async def _outlast_cancels(future: asyncio.Future[None], timeout: float) -> None:
+    """Wait up to ``timeout`` for ``future`` even if this task is cancelled again meanwhile.
+
+    A cancelled weave cancels its tasks once more while they wind down (``gather`` and the weave's own clean-up
+    both do); the hand-off of a run's cancel to its backend must not be cut short by that, or the run would keep
+    going after the weave reported it cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not future.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(future), remaining)
+        except asyncio.CancelledError:
+            continue
+        except asyncio.TimeoutError:
+            return
 
 
 def _idempotency_key(spec: Any, task: str, args: Mapping[str, Any]) -> str | None:
@@ -362,7 +383,8 @@ class WeaveEngine:
         delivery["idempotency_key"] = _idempotency_key(delivery.get("idempotency_key"), name, args)
         task_id = f"{self._weave_id}:{name}" if item is None else f"{self._weave_id}:{name}:{item}"
         requeues = plan.retries if delivery.get("orphan_policy") == "requeue" else 0
-        request = RunRequest(plan.environment, name, task_id, node.spec.func, args, delivery, record, requeues)
+        parent = tracing.current_parent()  # the caller's span, if any: each run's span goes under it
+        request = RunRequest(plan.environment, name, task_id, node.spec.func, args, delivery, record, requeues, parent)
         loop = asyncio.get_running_loop()
         runtime = get_runtime()
         handle = runtime.submit(request, loop, loop.create_future())
@@ -371,6 +393,5 @@ class WeaveEngine:
         except asyncio.CancelledError:
             handle.finished = loop.create_future()
             runtime.cancel(handle)
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(handle.finished, CANCEL_ACK_TIMEOUT + 1)
+            await _outlast_cancels(handle.finished, CANCEL_ACK_TIMEOUT + 1)
             raise

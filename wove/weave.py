@@ -116,12 +116,16 @@ class Weave:
         except RuntimeError:
             asyncio.run(self._run())
             return
-        # Called from code that already runs a loop: a sync with-block must block, so run on a helper thread.
+        # Called from code that already runs a loop: a sync with-block must block, so run on a helper thread,
+        # in a copy of the caller's context (an OpenTelemetry span, say, stays current for the weave).
+        import contextvars
+
         outcome: list[BaseException] = []
+        context = contextvars.copy_context()
 
         def target() -> None:
             try:
-                asyncio.run(self._run())
+                context.run(asyncio.run, self._run())
             except BaseException as exc:  # re-raised in the calling thread
                 outcome.append(exc)
 

@@ -423,3 +423,19 @@ async def test_recv_fails_once_the_callback_server_dies(driver: Driver) -> None:
         await asyncio.wait_for(driver.executor.recv(), 5)
     with pytest.raises(BackendUnavailableError):
         await asyncio.wait_for(driver.executor.recv(), 5)
+
+
+async def test_an_abandoned_run_closes_its_url_and_frees_its_worker(driver: Driver) -> None:
+    """When the weave stops waiting for a run (its worker went silent), the run's callback URL closes and the pool
+    kills the worker that held it, so the slot comes back."""
+    run_id = await driver.submit(nap, seconds=60)
+    await driver.started(run_id)
+    pid = driver.adapter.running_pid(run_id)
+    assert pid is not None and driver.executor.server is not None
+    assert run_id in driver.executor.server.pending_runs
+    driver.executor.forget(run_id)
+    assert run_id not in driver.executor.server.pending_runs
+    await wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    results = await asyncio.gather(*(driver.run(add, a=n, b=1) for n in range(4)))
+    assert [frame["result"] for frame in results] == [1, 2, 3, 4]  # both workers serve again
+    assert driver.frames[run_id][-1]["type"] == "task_started"  # no outcome was invented for it

@@ -37,6 +37,7 @@ class ScriptedExecutor(EnvironmentExecutor):
         self.running: dict[str, asyncio.Task[None]] = {}
         self.recv_error: BaseException | None = None
         self.stopped = False
+        self.forgotten: list[str] = []
 
     async def start(
         self, *, environment_name: str, environment_config: Mapping[str, Any], run_config: Mapping[str, Any]
@@ -65,6 +66,9 @@ class ScriptedExecutor(EnvironmentExecutor):
                 task.cancel()
             if self.ack_cancel:
                 self.emit({"type": "task_cancelled", "run_id": frame["run_id"]})
+
+    def forget(self, run_id: str) -> None:
+        self.forgotten.append(run_id)
 
     async def recv(self) -> Frame:
         assert self.events is not None

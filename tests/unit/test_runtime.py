@@ -102,11 +102,25 @@ def test_heartbeat_silence_means_the_worker_is_lost() -> None:
     async def dies_after_start(frame: Any, emit: Emit) -> None:
         emit({"type": "task_started", "run_id": frame["run_id"]})
 
-    use(ScriptedExecutor(dies_after_start), delivery_heartbeat_seconds=0.2)
+    executor = ScriptedExecutor(dies_after_start)
+    use(executor, delivery_heartbeat_seconds=0.2)
     started = time.monotonic()
     with pytest.raises(DeliveryLostError, match="presumed lost"):
         one_remote_task()
     assert time.monotonic() - started < 2.0  # far below any hang; the window is 0.2 s
+    # the executor is told to release the run (nobody waits for it), and it is not cancelled
+    assert executor.forgotten == [executor.sent("run_task")[0]["run_id"]] and executor.sent("cancel_task") == []
+
+
+def test_a_lost_run_under_the_cancel_policy_is_cancelled_not_forgotten() -> None:
+    async def dies_after_start(frame: Any, emit: Emit) -> None:
+        emit({"type": "task_started", "run_id": frame["run_id"]})
+
+    executor = ScriptedExecutor(dies_after_start, ack_cancel=False)
+    use(executor, delivery_heartbeat_seconds=0.1, delivery_orphan_policy="cancel")
+    with pytest.raises(DeliveryLostError):
+        one_remote_task()
+    assert len(executor.sent("cancel_task")) == 1 and executor.forgotten == []
 
 
 def test_heartbeats_keep_a_long_run_alive() -> None:
@@ -307,7 +321,8 @@ def test_orphan_policy_detach_keeps_listening(caplog: pytest.LogCaptureFixture) 
         await asyncio.sleep(0.5)
         emit({"type": "task_result", "run_id": frame["run_id"], "result": "late"})
 
-    use(ScriptedExecutor(started_then_silent), delivery_orphan_policy="detach", delivery_heartbeat_seconds=0.1)
+    executor = ScriptedExecutor(started_then_silent)
+    use(executor, delivery_orphan_policy="detach", delivery_heartbeat_seconds=0.1)
     with caplog.at_level(logging.INFO, logger="wove.runtime"):
         with pytest.raises(DeliveryLostError):
             one_remote_task()
@@ -315,6 +330,7 @@ def test_orphan_policy_detach_keeps_listening(caplog: pytest.LogCaptureFixture) 
         while "detached run" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
     assert "detached run" in caplog.text
+    assert executor.forgotten == []  # still listening for how it ends
 
 
 def test_shutdown_resolves_pending_runs_by_their_orphan_policy() -> None:

@@ -2,7 +2,8 @@
 
 A *payload* is the JSON-safe dict an adapter hands its backend: task identity, delivery settings, the callback URL,
 and the pickled callable and arguments, each either inline (base64 text) or by reference (``{"ref", "size"}``, a blob
-kept on the callback server and fetched by the worker).
+kept on the callback server and fetched by the worker). An optional ``trace_context`` (W3C ``traceparent`` and
+``tracestate``) is added only when the weave ran inside an OpenTelemetry span (:mod:`wove.tracing`).
 
 A *frame* travels back as one HTTP body, in one of two forms:
 
@@ -327,8 +328,12 @@ _decode_json = json.JSONDecoder().decode
 
 
 def _loads(data: bytes | bytearray | memoryview) -> Any:
-    """Parse UTF-8 JSON (``ValueError`` when it is not); skips ``json.loads``' encoding detection."""
-    return _decode_json(str(data, "utf-8"))
+    """Parse UTF-8 JSON (``ValueError`` when it is not, or nests too deeply); skips ``json.loads``' encoding
+    detection."""
+    try:
+        return _decode_json(str(data, "utf-8"))
+    except RecursionError:  # a hostile body like "[[[[...": the decoder recurses once per level
+        raise ValueError("JSON nests too deeply") from None
 
 
 def _json_bytes(value: Mapping[str, Any], what: str) -> bytes:
@@ -362,7 +367,7 @@ def _check_delivery(delivery: dict[str, Any]) -> None:
 def _payload(frame: Mapping[str, Any], callback_url: str, adapter: str, body: Mapping[str, Any]) -> dict[str, Any]:
     delivery = dict(frame.get("delivery") or {})
     _check_delivery(delivery)
-    return {
+    payload = {
         "version": PAYLOAD_VERSION,
         "adapter": adapter,
         "callback_url": callback_url,
@@ -373,6 +378,10 @@ def _payload(frame: Mapping[str, Any], callback_url: str, adapter: str, body: Ma
         "args_pickle": body["args_pickle"],
         "delivery": delivery,
     }
+    trace_context = frame.get("trace_context")
+    if trace_context:  # only when a span was active in the weave (see wove.tracing)
+        payload["trace_context"] = {str(key): str(value) for key, value in trace_context.items()}
+    return payload
 
 
 def _pickle_body(frame: Mapping[str, Any]) -> dict[str, _Pickled]:
@@ -477,7 +486,7 @@ def payload_from_b64(value: str) -> dict[str, Any]:
             raise PayloadError("payload is truncated or larger than the decompression limit")
     try:
         payload = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise PayloadError("payload is not valid JSON") from exc
     validate_payload(payload)
     return payload  # type: ignore[no-any-return]
@@ -602,7 +611,7 @@ def _split_envelope(body: bytes | bytearray) -> tuple[dict[str, Any], dict[str, 
 def validate_event_header(header: Mapping[str, Any]) -> str:
     """Check an event frame header's type and identity fields; return its ``run_id``."""
     kind = header.get("type")
-    if kind not in EVENT_TYPES:
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:  # a list or dict is unhashable
         raise FrameError("unknown_type", f"unknown frame type {kind!r}")
     run_id = header.get("run_id")
     if not isinstance(run_id, str) or not run_id:
@@ -634,7 +643,7 @@ def load_frame(header: dict[str, Any], parts: Mapping[str, Any]) -> Frame:
     if kind == "task_result" and "result" not in frame:
         raise FrameError("bad_frame", "task_result frame has no result")
     if kind == "task_error":
-        if "error" not in frame and "exception" in frame:
+        if "error" not in frame and isinstance(frame.get("exception"), BaseException):
             frame["error"] = error_info(frame["exception"], source="task")
         if not isinstance(frame.get("error"), dict):
             raise FrameError("bad_frame", "task_error frame has no error dict")

@@ -13,6 +13,8 @@ final size (at most ``max_frame_size``), then a bodiless request with ``X-Wove-U
 
 Every refusal happens before anything in the body is unpickled and answers JSON ``{"error": reason, "detail"}``:
 401 ``bad_credential``, 403 ``run_not_pending`` / ``run_mismatch``, 404 ``not_found`` / ``blob_not_found``, 405,
+408 ``body_timeout`` (no byte of the body for ``idle_timeout`` seconds; the connection is closed),
+409 ``run_already_started`` (a second execution of a started run: a duplicate delivery),
 413 ``body_too_large`` / ``frame_too_large``, 400 for malformed bodies (``bad_json``, ``bad_base64``, ``bad_pickle``,
 ``bad_envelope``, ``bad_frame``, ``unknown_type``, ``missing_run_id``, ``incomplete_body``, ``bad_upload``,
 ``upload_incomplete``).
@@ -25,6 +27,7 @@ acknowledged and dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -32,11 +35,11 @@ import re
 import socket
 import ssl
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, unquote
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from wove._types import TERMINAL_EVENTS, Frame
 from wove.backend import codec
@@ -61,6 +64,9 @@ RESOLVED_MEMORY = 100_000
 OFFLOAD_BYTES = 1 << 20
 #: Blob downloads are written in slices of this size.
 BLOB_CHUNK = 1 << 20
+#: Seconds a connection may stay silent: idle between requests (aiohttp alone keeps it an hour), or inside a request
+#: whose body stopped arriving (aiohttp alone waits forever). Workers reconnect on their own.
+IDLE_TIMEOUT = 75.0
 
 _TOKEN = re.compile(r"[A-Za-z0-9_.~-]+")
 _JSON = {"Content-Type": "application/json"}
@@ -77,7 +83,33 @@ class _Refusal(Exception):
 
     def response(self) -> web.Response:
         body = json.dumps({"error": self.reason, "detail": self.detail, **self.extra}).encode()
-        return web.Response(status=self.status, body=body, headers=_JSON)
+        response = web.Response(status=self.status, body=body, headers=_JSON)
+        if self.status == 408:  # the rest of a stalled body may still come: this connection cannot be reused
+            response.force_close()
+        return response
+
+
+class _StallGuard:
+    """Fails a request body's stream with ``asyncio.TimeoutError`` once none of it arrived for ``seconds``.
+
+    One timer per request that has to wait for its body, re-armed once per quiet period, not per chunk.
+    """
+
+    def __init__(self, stream: StreamReader, seconds: float) -> None:
+        self._stream = stream
+        self._seconds = seconds
+        self._seen = stream.total_bytes
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._check)
+
+    def _check(self) -> None:
+        if self._stream.total_bytes != self._seen:
+            self._seen = self._stream.total_bytes
+            self._timer = asyncio.get_running_loop().call_later(self._seconds, self._check)
+        else:
+            self._stream.set_exception(asyncio.TimeoutError())
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class _Upload:
@@ -111,7 +143,8 @@ class BackendCallbackServer:
     ``public_url`` is the base URL workers use to reach this server when it differs from ``host:port`` (NAT, a
     proxy); the server appends its own paths to it, and after :meth:`start` the attribute holds the base URL in use
     either way. ``token`` fixes the master URL's secret (generated otherwise). HTTPS is served with ``ssl_context``,
-    or with one built from ``ssl_certfile``/``ssl_keyfile``.
+    or with one built from ``ssl_certfile``/``ssl_keyfile``. A connection silent for ``idle_timeout`` seconds is
+    closed (a request whose body stalled gets 408 first).
     """
 
     def __init__(
@@ -128,17 +161,21 @@ class BackendCallbackServer:
         backlog: int = BACKLOG,
         resolved_memory: int = RESOLVED_MEMORY,
         max_frame_size: int = MAX_FRAME_SIZE,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         if token is not None and not _TOKEN.fullmatch(token):
             raise ConfigError("callback token may hold only letters, digits and '-', '_', '.', '~'")
         if public_url is not None and not public_url.startswith(("http://", "https://")):
             raise ConfigError(f"public_url must start with http:// or https://, not {public_url!r}")
+        if not idle_timeout > 0:
+            raise ConfigError(f"idle_timeout must be a positive number of seconds, not {idle_timeout!r}")
         self.host = host
         self.port = port
         self.public_url = public_url
         self.token = token or new_token()
         self.max_body_size = max_body_size
         self.max_frame_size = max_frame_size
+        self.idle_timeout = idle_timeout
         if ssl_context is None and (ssl_certfile or ssl_keyfile):
             if not ssl_certfile:
                 raise ConfigError("ssl_keyfile needs ssl_certfile too")
@@ -160,6 +197,7 @@ class BackendCallbackServer:
         self._uploads: dict[str, _Upload] = {}
         self._refs = itertools.count(1)
         self._sink: Callable[[Frame], None] | None = None
+        self._executions: dict[str, str] = {}  # run id -> the execution id of its accepted task_started
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -167,7 +205,7 @@ class BackendCallbackServer:
         """Listen for callbacks. A second call while running does nothing."""
         if self._runner is not None:
             return
-        server = web.Server(self._handle, access_log=None)
+        server = web.Server(self._handle, access_log=None, keepalive_timeout=self.idle_timeout)
         runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, backlog=self.backlog)
@@ -195,6 +233,7 @@ class BackendCallbackServer:
         self._pending.clear()
         self._blobs.clear()
         self._uploads.clear()
+        self._executions.clear()
         if self._queue is not None:
             self._queue.put_nowait(None)
 
@@ -247,9 +286,7 @@ class BackendCallbackServer:
 
     def close_run(self, run_id: str) -> None:
         """Mark a run no longer pending: its URL stops working and its blobs are dropped."""
-        self._pending.pop(run_id, None)
-        self._blobs.pop(run_id, None)
-        self._uploads.pop(run_id, None)
+        self._forget_state(run_id)
         self._remember(run_id)
 
     def put_blob(self, run_id: str, data: bytes) -> str:
@@ -314,12 +351,8 @@ class BackendCallbackServer:
                 raise _Refusal(400, "upload_incomplete", "not every part of the uploaded frame arrived")
             body, content_type = upload.buffer, codec.FRAME_CONTENT_TYPE
         else:
-            try:
+            with self._reading(request.content):
                 body = await read_stream(request.content, request.content_length, self.max_body_size)
-            except ValueError as exc:
-                if str(exc) == "body_too_large":
-                    raise _Refusal(413, "body_too_large", limit=self.max_body_size) from None
-                raise _Refusal(400, str(exc)) from None
         big = len(body) > OFFLOAD_BYTES
         try:
             if big:
@@ -333,6 +366,7 @@ class BackendCallbackServer:
             raise _Refusal(403, "run_mismatch", "frame run_id differs from the run of its URL")
         if not self._check_open(run, run_id):
             return web.Response(body=_DUPLICATE, headers=_JSON)
+        self._check_execution(header, run_id)
         try:
             frame = await asyncio.to_thread(codec.load_frame, header, parts) if big else codec.load_frame(header, parts)
         except codec.FrameError as exc:
@@ -341,12 +375,13 @@ class BackendCallbackServer:
             return web.Response(body=_DUPLICATE, headers=_JSON)
         kind = frame["type"]
         if kind in TERMINAL_EVENTS:
-            self._pending.pop(run_id, None)
-            self._blobs.pop(run_id, None)
-            self._uploads.pop(run_id, None)
+            self._forget_state(run_id)
             self._remember(run_id)
         elif kind == "task_started":
             self._blobs.pop(run_id, None)
+            execution = frame.get("execution")
+            if isinstance(execution, str) and run_id in self._pending:
+                self._executions.setdefault(run_id, execution)
         if self._sink is not None:
             try:
                 self._sink(frame)
@@ -376,13 +411,46 @@ class BackendCallbackServer:
         upload = self._uploads.get(run)
         if upload is None or len(upload.buffer) != total:
             upload = self._uploads[run] = _Upload(total)
-        with memoryview(upload.buffer) as view:
-            try:
-                await read_into(request.content, view[offset : offset + length])
-            except ValueError as exc:
-                raise _Refusal(400, str(exc)) from None
+        with memoryview(upload.buffer) as view, self._reading(request.content):
+            await read_into(request.content, view[offset : offset + length])
         upload.received[offset] = length
         return web.Response(body=_ACCEPTED, headers=_JSON)
+
+    @contextlib.contextmanager
+    def _reading(self, stream: StreamReader) -> Iterator[None]:
+        """Around a body read: refusals for its failures, and 408 once the body stalls for ``idle_timeout``."""
+        guard = None if stream.is_eof() else _StallGuard(stream, self.idle_timeout)  # is_eof: all of it is here
+        try:
+            yield
+        except ValueError as exc:
+            if str(exc) == "body_too_large":
+                raise _Refusal(413, "body_too_large", limit=self.max_body_size) from None
+            raise _Refusal(400, str(exc)) from None
+        except asyncio.TimeoutError:
+            raise _Refusal(408, "body_timeout", f"no byte of the body arrived for {self.idle_timeout}s") from None
+        except ConnectionError:  # the client went away mid-body: nobody reads this answer, but no 500 either
+            raise _Refusal(400, "incomplete_body") from None
+        finally:
+            if guard is not None:
+                guard.cancel()
+
+    def _check_execution(self, header: Mapping[str, Any], run_id: str) -> None:
+        """409 for a frame of a second execution of a started run (an at-least-once backend delivered it twice).
+
+        Workers stamp every frame with a random ``execution`` id; the first ``task_started`` fixes the run's. A
+        duplicate delivery's ``task_started`` is refused, so its worker never runs the task body, and so are any
+        other frames it sends.
+        """
+        started = self._executions.get(run_id)
+        execution = header.get("execution")
+        if started is not None and isinstance(execution, str) and execution != started:
+            raise _Refusal(409, "run_already_started", f"run {run_id!r} already runs in another execution")
+
+    def _forget_state(self, run_id: str) -> None:
+        self._pending.pop(run_id, None)
+        self._blobs.pop(run_id, None)
+        self._uploads.pop(run_id, None)
+        self._executions.pop(run_id, None)
 
     def _check_open(self, run: str | None, run_id: str) -> bool:
         """``False`` for a master-URL frame of a resolved run (acknowledge, drop); 403 for a closed run URL."""

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from wove.backend.aclient import AsyncCallbackConnection
+    from wove.tracing import WorkerSpan
 
 __all__ = ["run_backend_payload", "run_backend_payload_async"]
 
@@ -77,6 +78,8 @@ class _Job:
         self.task_id: Any = payload.get("task_id")
         self.task_name: str = payload["task_name"]
         self.callback_url: str = payload["callback_url"]
+        #: Stamped on every frame: the callback server refuses a second execution of a started run (duplicates).
+        self.execution = os.urandom(8).hex()
         seconds = (payload.get("delivery") or {}).get("heartbeat_seconds")
         self.interval: float | None = None
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
@@ -86,7 +89,9 @@ class _Job:
 
     def frame(self, kind: str, **fields: Any) -> dict[str, Any]:
         """An event frame of this run; ``at`` is the worker's clock (the submitting side may stamp timings with it)."""
-        return {"type": kind, "run_id": self.run_id, "task_id": self.task_id, "at": time.time(), **self.extra, **fields}
+        frame = {"type": kind, "run_id": self.run_id, "task_id": self.task_id, "at": time.time()}
+        frame["execution"] = self.execution
+        return {**frame, **self.extra, **fields}
 
     def started(self) -> dict[str, Any]:
         return self.frame("task_started", host=_hostname(), pid=os.getpid())
@@ -270,7 +275,26 @@ def run_payload(payload: Mapping[str, Any], trace: RunTrace, *, start: str = STA
         except (PayloadError, BackendUnavailableError) as exc:
             _post_quietly(conn, job.failed(exc, "worker"))
             raise
-        return _SyncRun(job, conn, trace, start).run(fn, kwargs)
+        span = _continue_trace(job) if "trace_context" in payload else None
+        if span is None:
+            return _SyncRun(job, conn, trace, start).run(fn, kwargs)
+        try:
+            return _SyncRun(job, conn, trace, start).run(span.wrap(fn), kwargs)
+        finally:
+            span.abandon()  # a no-op unless the task never finished (SIGTERM, an interrupt)
+
+
+def _continue_trace(job: _Job) -> WorkerSpan | None:
+    """A child span of the payload's trace around the task, its ids on the run's frames (see :mod:`wove.tracing`).
+
+    Imported only for a payload that carries a trace context: an untraced worker never loads OpenTelemetry.
+    """
+    from wove.tracing import start_worker_span
+
+    span = start_worker_span(job.payload)
+    if span is not None:
+        job.extra.update(span.ids)
+    return span
 
 
 def _load_sync(conn: CallbackConnection, field: Any, what: str) -> Any:
@@ -322,7 +346,7 @@ def _end_lazy_start(job: _Job, lazy: _LazyStart | None) -> None:
     if lazy is not None:
         _watchdog.forget(lazy)
         if not lazy.finish():
-            job.extra = {"started_at": lazy.started_at, "host": _hostname(), "pid": os.getpid()}
+            job.extra.update(started_at=lazy.started_at, host=_hostname(), pid=os.getpid())
 
 
 class _StartWatchdog:
@@ -527,6 +551,9 @@ async def run_backend_payload_async(payload: Mapping[str, Any], *, session: aioh
         except (PayloadError, BackendUnavailableError) as exc:
             await _apost_quietly(conn, job.failed(exc, "worker"))
             raise
+        span = _continue_trace(job) if "trace_context" in payload else None
+        if span is not None:
+            fn = span.wrap(fn)  # ends the span as the task ends, cancellation included
         await conn.post(job.started())
         task = asyncio.ensure_future(_acall(fn, kwargs))
         interval = job.interval

@@ -57,6 +57,13 @@ class EnvironmentExecutor(abc.ABC):
         frame; ``recv`` must still raise when the executor fails, so the runtime notices. Ignoring it is fine.
         """
 
+    def forget(self, run_id: str) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Optional: the runtime stopped waiting for ``run_id`` without cancelling it (its worker was presumed lost).
+
+        Release what the run holds (a callback URL, a job watch); its late frames may then be refused or dropped.
+        Called in the runtime's loop; must not block.
+        """
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Release resources. Must be safe to call twice and after a failed ``start``."""

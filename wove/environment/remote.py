@@ -239,6 +239,19 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         if run.run_id in self._runs:
             self._finish(run, {"type": "task_cancelled", "run_id": run.run_id, "task_id": run.task_id})
 
+    def forget(self, run_id: str) -> None:
+        """The weave gave up on a run without cancelling it: close its callback URL and stop the adapter watching."""
+        run = self._runs.pop(run_id, None)
+        if run is None:
+            return
+        if self.server is not None:
+            self.server.close_run(run_id)
+        if self.adapter is not None:
+            try:
+                self.adapter.run_abandoned(run_id)
+            except Exception:
+                logger.exception("environment %r: the adapter's run_abandoned failed", self.name)
+
     # -- events ----------------------------------------------------------------------------------------------
 
     def deliver_to(self, sink: Callable[[Frame], None]) -> None:

@@ -10,11 +10,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wove import tracing
 from wove._types import EVENT_TYPES, TERMINAL_EVENTS, Frame
 from wove.errors import (
     DeliveryLostError,
@@ -44,6 +45,8 @@ class RunRequest:
     delivery: Mapping[str, Any]
     record: RunRecord
     requeues_left: int = 0
+    #: The weave's OpenTelemetry context when a span was active there (see ``wove.tracing``), else ``None``.
+    trace_parent: Any = None
 
 
 @dataclass
@@ -57,11 +60,12 @@ class PendingRun:
     started: bool = False
     cancel_requested: bool = False
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    span: tracing.RunSpan | None = None
 
     def frame(self) -> Frame:
         """The ``run_task`` command frame for this run."""
         req = self.request
-        return {
+        frame = {
             "type": "run_task",
             "run_id": self.run_id,
             "task_id": req.task_id,
@@ -70,6 +74,9 @@ class PendingRun:
             "args": req.args,
             "delivery": dict(req.delivery),
         }
+        if self.span is not None:  # the W3C trace context for the payload (see wove.tracing)
+            frame["trace_context"] = self.span.carrier
+        return frame
 
 
 def exception_from_frame(frame: Frame) -> BaseException:
@@ -83,17 +90,25 @@ def exception_from_frame(frame: Frame) -> BaseException:
 
 #: How many resolved run ids to remember, so late duplicates are told apart from unknown runs in logs.
 RESOLVED_MEMORY = 100_000
+#: Detached runs remembered (to log how they end); the oldest are forgotten first.
+DETACHED_MEMORY = 10_000
 
 
 class RunTable:
     """All pending runs of one runtime, keyed by run id."""
 
-    def __init__(self, send_cancel: Callable[[PendingRun], object]) -> None:
+    def __init__(
+        self,
+        send_cancel: Callable[[PendingRun], object],
+        forget: Callable[[PendingRun], object] | None = None,
+    ) -> None:
         self._runs: dict[str, PendingRun] = {}
         self._resolved: deque[str] = deque(maxlen=RESOLVED_MEMORY)
         self._resolved_set: set[str] = set()
-        self._detached: dict[str, PendingRun] = {}
+        self._detached: OrderedDict[str, PendingRun] = OrderedDict()
         self._send_cancel = send_cancel
+        #: Tells the run's executor that nobody waits for the run any more (it was not cancelled).
+        self._forget = forget
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -114,6 +129,10 @@ class RunTable:
         timeout = request.delivery.get("timeout")
         if timeout:
             run.timers.append(loop.call_later(timeout, self._delivery_expired, run))
+        if request.trace_parent is not None:
+            run.span = tracing.start_run_span(
+                request.trace_parent, task_name=request.task_name, environment=request.environment, run_id=run.run_id
+            )
         return run
 
     def close(self, run: PendingRun) -> None:
@@ -121,6 +140,9 @@ class RunTable:
         for timer in run.timers:
             timer.cancel()
         run.timers.clear()
+        if run.span is not None:
+            span, run.span = run.span, None
+            span.end(run.request.record)
         if self._runs.pop(run.run_id, None) is not None:
             if len(self._resolved) == self._resolved.maxlen:
                 self._resolved_set.discard(self._resolved[0])
@@ -153,6 +175,8 @@ class RunTable:
             logger.warning("dropped %s for run %s: it belongs to another environment", kind, run_id)
             return
         run.last_seen = time.monotonic()
+        if run.span is not None:
+            run.span.observe(frame)
         record = run.request.record
         submission = frame.get("submission")
         if submission is not None:
@@ -259,15 +283,28 @@ class RunTable:
             req.requeues_left -= 1
             logger.warning("requeueing task %r after: %s", req.task_name, exc)
             req.record.status = "requeued"
+            self._abandon(run)
             self._resolve(run, error=Requeue(str(exc)))
             return
         if policy == "cancel":
             self._send_cancel(run)
+        elif policy == "detach":  # it may still finish: keep listening, to log how it ended
+            self._detached[run.run_id] = run
+            if len(self._detached) > DETACHED_MEMORY:
+                self._detached.popitem(last=False)
+        else:
+            self._abandon(run)
         req.record.status = "lost"
         req.record.error = exc
-        if policy == "detach":
-            self._detached[run.run_id] = run
         self._resolve(run, error=exc)
+
+    def _abandon(self, run: PendingRun) -> None:
+        """Let the executor release the run (its callback URL, its job watch): the weave no longer waits for it."""
+        if self._forget is not None:
+            try:
+                self._forget(run)
+            except Exception:
+                logger.exception("could not release abandoned run %s", run.run_id)
 
 
 def orphaned_error(run: PendingRun, why: str) -> OrphanedRunError:

@@ -138,7 +138,7 @@ class ExecutorRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._environments: dict[str, _Environment] = {}
-        self._runs = RunTable(self._send_cancel_soon)
+        self._runs = RunTable(self._send_cancel_soon, self._forget)
         # Submissions from weave threads queue here; one wake-up of the runtime loop drains a whole burst.
         self._inbox: deque[RunHandle] = deque()
         self._inbox_lock = threading.Lock()
@@ -293,6 +293,11 @@ class ExecutorRuntime:
         await asyncio.gather(*(self._stop_environment(env, why, may_requeue=may_requeue) for env in chosen))
 
     # -- runs -----------------------------------------------------------------------------------------------------
+
+    def _forget(self, run: PendingRun) -> None:
+        env = self._environments.get(run.request.environment)
+        if env is not None and not env.stopped:
+            env.executor.forget(run.run_id)
 
     def _send_cancel_soon(self, run: PendingRun) -> asyncio.Task[None] | None:
         """Start sending ``cancel_task`` for ``run`` (policies call this from plain callbacks)."""

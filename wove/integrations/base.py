@@ -145,6 +145,16 @@ class BackendAdapter(abc.ABC):
         It must not block.
         """
 
+    def run_abandoned(self, run_id: str) -> None:
+        """Called (in the event loop) when the weave stopped waiting for a run without cancelling it: its worker
+        went silent past ``delivery_heartbeat_seconds`` under the ``fail`` or ``requeue`` orphan policy.
+
+        The run's callback URL is closed already, so its late frames are refused. By default this is
+        :meth:`run_ended` (stop watching the job); an adapter that owns its workers may reclaim the one it used.
+        It must not block.
+        """
+        self.run_ended(run_id)
+
     # -- helpers for subclasses ------------------------------------------------------------------------------
 
     def emit(self, frame: Frame) -> None:

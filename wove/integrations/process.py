@@ -133,20 +133,30 @@ class ProcessAdapter(BackendAdapter):
 
     async def cancel(self, run_id: str, submission: Any, frame: Frame) -> None:
         """Drop a queued run; kill the worker running a started one (a replacement is spawned)."""
+        worker = self._stop_run(run_id, "cancel")
+        if worker is not None:
+            await worker.process.wait()
+
+    def run_abandoned(self, run_id: str) -> None:
+        """The weave gave up on the run (its worker went silent): kill that worker so the pool gets its slot back."""
+        self._stop_run(run_id, "release the abandoned")
+
+    def _stop_run(self, run_id: str, why: str) -> _Worker | None:
+        """Drop a queued run, or kill the worker running it; returns that worker."""
         job = self._jobs.get(run_id)
         if job is None or job.ended:
-            return
+            return None
         job.cancelled = True
         worker = job.worker
         if worker is None:
             self._jobs.pop(run_id, None)
             self._queue.remove(job)
-            return
+            return None
         if worker.job is not job:
-            return  # it ended meanwhile: nothing left to stop
-        logger.debug("killing worker %d to cancel run %s", worker.pid, run_id)
+            return None  # it ended meanwhile: nothing left to stop
+        logger.debug("killing worker %d to %s run %s", worker.pid, why, run_id)
         _kill(worker.process)
-        await worker.process.wait()
+        return worker
 
     def run_ended(self, run_id: str) -> None:
         """The executor saw the run's terminal frame: the worker that ran it is free for the next payload."""

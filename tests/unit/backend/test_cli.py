@@ -119,7 +119,7 @@ async def test_sigterm_posts_task_cancelled(server: BackendCallbackServer, heart
     frame = await recv(server)
     while frame["type"] == "heartbeat":
         frame = await recv(server)
-    assert isinstance(frame.pop("at"), float)
+    assert isinstance(frame.pop("at"), float) and isinstance(frame.pop("execution"), str)
     assert frame == {"type": "task_cancelled", "run_id": "run-1", "task_id": "task-run-1"}
     assert proc.returncode == 128 + signal.SIGTERM, err
     await no_frame(server, 0.1)

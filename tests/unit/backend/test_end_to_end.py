@@ -54,7 +54,7 @@ async def test_payload_run_in_another_process_reaches_recv(server: BackendCallba
     child_pid = json.loads(await _python(RUN_IN_CHILD, json.dumps(payload)))
     started, result = await recv(server), await recv(server)
     assert started["type"] == "task_started" and started["pid"] == child_pid
-    assert started["at"] <= result.pop("at")
+    assert started["at"] <= result.pop("at") and started["execution"] == result.pop("execution")
     assert result == {"type": "task_result", "run_id": "plain", "task_id": "task-plain", "result": child_pid}
 
 

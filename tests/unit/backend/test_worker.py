@@ -60,6 +60,7 @@ async def test_success_posts_started_then_result(server: BackendCallbackServer, 
     assert started["type"] == "task_started" and started["run_id"] == "run-1" and started["task_id"] == "task-run-1"
     assert isinstance(started["host"], str) and isinstance(started["pid"], int)
     assert started["at"] <= result.pop("at") <= time.time()
+    assert started["execution"] == result.pop("execution")  # one execution id per run of the payload
     assert result == {"type": "task_result", "run_id": "run-1", "task_id": "task-run-1", "result": 5}
     assert server.pending_runs == frozenset()
 
@@ -279,3 +280,25 @@ async def test_a_mapped_callable_is_unpickled_once_per_worker(server: BackendCal
     assert any(fn.__name__ == "task" for fn in worker._callables.values())
     for _ in range(2):
         await _frames_until_terminal(server)
+
+
+# -- duplicate deliveries ---------------------------------------------------------------------------------------------
+
+
+async def test_a_second_delivery_of_a_started_run_never_runs_the_body(
+    server: BackendCallbackServer, runner, tmp_path
+) -> None:
+    """An at-least-once backend may hand the same payload to two workers while the first still runs: the second's
+    task_started is refused (409) and it raises without running the task; the first one's frames still count."""
+    marker = tmp_path / "ran"
+    first_payload = _payload(server, backend_tasks.sleep_then, seconds=0.3, value=1)
+    first = asyncio.ensure_future(asyncio.to_thread(run_backend_payload, first_payload))
+    started = await recv(server)
+    assert started["type"] == "task_started" and isinstance(started["execution"], str)
+    duplicate = _payload(server, backend_tasks.touch, path=str(marker))  # same run id, another body
+    with pytest.raises(CallbackError, match="run_already_started") as refused:
+        await runner(duplicate)
+    assert refused.value.status == 409 and not marker.exists()
+    assert await asyncio.wait_for(first, 5) == 1
+    assert (await recv(server))["type"] == "task_result"
+    await no_frame(server, 0.1)
