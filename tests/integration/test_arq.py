@@ -5,8 +5,7 @@ Redis, end to end. ARQ pins ``redis<6``, so this module runs in its own environm
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
+import contextlib
 import statistics
 import time
 import uuid
@@ -16,22 +15,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration._redis_queues import (
-    ROOT,
-    InventoryError,
-    WorkerProcess,
-    add,
-    double,
-    nap,
-    nap_async,
-    out_of_stock,
-    python_command,
-    require_sdk,
-    run_doc_example,
-    size_of,
-    wait_for_file,
-)
+from tests.integration.queue_support import ROOT, WorkerProcess, python_command, require_sdk, run_doc_example
+from tests.integration.remote_tasks import add, hold_async
+from tests.integration.scenarios import BackendScenarios, Engine
 from tests.services.redis import RedisServer
+from wove.result import RunRecord
 
 require_sdk("arq", venv_hint="run this module with .venv-arq/bin/python -m pytest (scripts/test does)")
 
@@ -39,7 +27,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool  # noqa: E402
 from arq.jobs import Job  # noqa: E402
 
 import wove  # noqa: E402
-from wove import BackendUnavailableError, ConfigError, DeliveryLostError, SubmitError, weave  # noqa: E402
+from wove import BackendUnavailableError, ConfigError, SubmitError, weave  # noqa: E402
 from wove.integrations.arq import ArqAdapter  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -47,17 +35,21 @@ pytestmark = pytest.mark.integration
 DB = 12
 
 
-class Worker:
-    """One ``arq`` worker process consuming its own queue."""
+class ArqEngine(Engine):
+    """One ``arq`` worker process consuming its own queue; it runs jobs in its own process."""
+
+    holding_task = staticmethod(hold_async)
 
     def __init__(self, redis: RedisServer, log: Path) -> None:
         self.url = redis.url(DB)
         self.queue = f"arq:wove-test-{uuid.uuid4().hex[:8]}"
         env = {"WOVE_ARQ_REDIS_URL": self.url, "WOVE_ARQ_QUEUE": self.queue}
-        self.process = WorkerProcess(python_command("arq", "wove.integrations.arq_worker.WorkerSettings"), log, env)
+        self.worker = WorkerProcess(python_command("arq", "wove.integrations.arq_worker.WorkerSettings"), log, env)
+        self.abort_timeout: float | None = None
 
     def configure(self, **executor_config: Any) -> None:
         config = {"redis_settings": self.url, "queue_name": self.queue, **executor_config}
+        self.abort_timeout = executor_config.get("abort_timeout")
         wove.config(
             environments={
                 "default": {"executor": "local"},
@@ -65,165 +57,129 @@ class Worker:
             }
         )
 
+    def check_ran(self, record: RunRecord, pid: int) -> None:
+        assert pid == self.worker.pid
 
-def start_worker(redis: RedisServer, log: Path) -> Iterator[Worker]:
-    worker = Worker(redis, log)
+    def check_mapped(self, records: list[RunRecord], pids: set[int]) -> None:
+        assert pids == {self.worker.pid}
+
+    def check_started(self, pids: list[int]) -> None:
+        assert set(pids) == {self.worker.pid}
+
+    async def saw_cancel(self, records: list[RunRecord], pids: list[int]) -> None:
+        async with self.client() as redis:
+            for record in records:
+                job = Job(job_id(record), redis, _queue_name=self.queue)
+                if self.abort_timeout:  # the weave's cancel waited for the worker to confirm the abort
+                    assert await job.result_info() is not None
+                info = await poll(job.result_info)  # ARQ writes the aborted job's result just after cancelling it
+                assert info is not None and not info.success and isinstance(info.result, asyncio.CancelledError)
+
+    async def carried_after(self, record: RunRecord, carried: list[int]) -> None:
+        async with self.client() as redis:  # ARQ keeps the job's arguments with its result
+            stored = await poll(lambda: redis.strlen(f"arq:result:{job_id(record)}"))
+        if stored:
+            carried.append(stored)
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[ArqRedis]:
+        """A client in the test's own loop, to look at what ARQ stored."""
+        pool = await create_pool(RedisSettings.from_dsn(self.url))
+        try:
+            yield pool
+        finally:
+            await pool.aclose()
+
+
+def job_id(record: RunRecord) -> str:
+    return str(record.submission).split()[2]  # "arq job <id> on <queue>"
+
+
+async def poll(read: Any, attempts: int = 100) -> Any:
+    """What ``read()`` gives once it gives something (ARQ writes results just after the weave got its value)."""
+    for _ in range(attempts):
+        value = await read()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    return None
+
+
+@contextlib.contextmanager
+def running_engine(redis: RedisServer, log: Path) -> Iterator[ArqEngine]:
+    engine = ArqEngine(redis, log)
     try:
-        yield worker
+        yield engine
     finally:
-        worker.process.stop(timeout=5)
+        engine.worker.stop(timeout=5)
 
 
 @pytest.fixture(scope="module")
-def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    yield from start_worker(redis_server, tmp_path_factory.mktemp("arq") / "worker.log")
+def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArqEngine]:
+    with running_engine(redis_server, tmp_path_factory.mktemp("arq") / "worker.log") as engine:
+        yield engine
 
 
 @pytest.fixture
-def jobs(worker: Worker) -> Worker:
+def engine(worker: ArqEngine) -> ArqEngine:
     worker.configure()
     return worker
 
 
 @pytest.fixture
-async def redis(worker: Worker) -> AsyncIterator[ArqRedis]:
+def victim(redis_server: RedisServer, tmp_path: Path) -> Iterator[ArqEngine]:
+    with running_engine(redis_server, tmp_path / "lone-worker.log") as engine:
+        engine.configure()
+        yield engine
+
+
+@pytest.fixture
+async def redis(worker: ArqEngine) -> AsyncIterator[ArqRedis]:
     """A client in the test's own loop, to look at what ARQ stored."""
-    pool = await create_pool(RedisSettings.from_dsn(worker.url))
-    try:
+    async with worker.client() as pool:
         yield pool
-    finally:
-        await pool.aclose()
 
 
-def test_local_remote_and_mapped_tasks(jobs: Worker) -> None:
-    with weave(n=20) as w:
+class TestScenarios(BackendScenarios):
+    """The shared scenarios on ARQ."""
 
-        @w.do
-        def items(n: int) -> list[int]:
-            return list(range(n))
-
-        @w.do(environment="jobs")
-        def total(items: list[int]) -> int:
-            return add(sum(items), 1)
-
-        @w.do("items", environment="jobs")
-        def doubled(item: int) -> tuple[int, int]:
-            return double(item)
-
-        @w.do
-        def report(total: int, doubled: list[tuple[int, int]]) -> tuple[int, list[int]]:
-            return total, [value for value, _ in doubled]
-
-    assert w.result.report == (191, [2 * i for i in range(20)])
-    assert {pid for _, pid in w.result.doubled} == {jobs.process.pid}
-    records = w.result.records["doubled"]
-    assert [r.item for r in records] == list(range(20))
-    assert all(r.status == "succeeded" and r.submitted_at <= r.started_at <= r.finished_at for r in records)  # type: ignore[operator]
+    @pytest.fixture(params=[0, 5], ids=["request", "confirm"])
+    def cancelling(self, engine: ArqEngine, request: pytest.FixtureRequest) -> ArqEngine:
+        """Cancel without waiting for the worker (``abort_timeout=0``), or waiting for it to confirm the abort."""
+        engine.configure(abort_timeout=request.param)
+        return engine
 
 
-def test_remote_exception_keeps_its_type(jobs: Worker) -> None:
-    with pytest.raises(InventoryError, match="sku-9 is out of stock"), weave(sku="sku-9") as w:
-        w.do(environment="jobs")(out_of_stock)
-
-
-@pytest.mark.parametrize("abort_timeout", [0, 5], ids=["request", "confirm"])
-async def test_cancelling_the_weave_aborts_the_running_job(
-    jobs: Worker, redis: ArqRedis, tmp_path: Path, abort_timeout: float
-) -> None:
-    jobs.configure(abort_timeout=abort_timeout)
-    marker, job_id = tmp_path / "nap", f"cancel-{uuid.uuid4().hex}"
-
-    async def run() -> None:
-        async with weave(marker=str(marker), seconds=30, delivery_idempotency_key=job_id) as w:
-            w.do(environment="jobs")(nap_async)
-
-    running = asyncio.ensure_future(run())
-    await wait_for_file(Path(f"{marker}.started"))
-    began = time.monotonic()
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    assert time.monotonic() - began < 2
-    await wait_for_file(Path(f"{marker}.cancelled"), timeout=5)  # the coroutine on the worker was cancelled
-    job = Job(job_id, redis, _queue_name=jobs.queue)
-    if abort_timeout:  # the weave's cancel waited for the worker to confirm the abort
-        assert await job.result_info() is not None
-    for _ in range(100):  # ARQ writes the aborted job's result just after cancelling it
-        info = await job.result_info()
-        if info is not None:
-            break
-        await asyncio.sleep(0.02)
-    assert info is not None and not info.success and isinstance(info.result, asyncio.CancelledError)
-    assert not Path(f"{marker}.finished").exists()
-
-
-def test_idempotency_key_is_the_job_id_and_refuses_a_second_run(jobs: Worker) -> None:
+def test_idempotency_key_is_the_job_id_and_refuses_a_second_run(engine: ArqEngine) -> None:
     key = f"order-{uuid.uuid4().hex}"
     with weave(a=1, b=2, delivery_idempotency_key=key) as w:
         w.do(environment="jobs")(add)
     assert w.result.add == 3
-    assert w.result.records["add"][0].submission == f"arq job {key} on {jobs.queue}"
+    assert w.result.records["add"][0].submission == f"arq job {key} on {engine.queue}"
     with pytest.raises(SubmitError, match="idempotency key"), weave(a=1, b=2, delivery_idempotency_key=key) as w:
         w.do(environment="jobs")(add)
 
 
-def test_enqueue_options_reach_arq(jobs: Worker) -> None:
-    jobs.configure(enqueue_options={"_defer_by": 0.4})
+def test_enqueue_options_reach_arq(engine: ArqEngine) -> None:
+    engine.configure(enqueue_options={"_defer_by": 0.4})
     with weave(a=1, b=2) as w:
         w.do(environment="jobs")(add)
     wait = w.result.records["add"][0].queue_wait
     assert wait is not None and wait >= 0.35
 
 
-@pytest.fixture
-def lone_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Worker]:
-    yield from start_worker(redis_server, tmp_path / "lone-worker.log")
-
-
-async def test_killed_worker_is_lost_within_the_heartbeat_window(lone_worker: Worker, tmp_path: Path) -> None:
-    lone_worker.configure()
-    marker = tmp_path / "nap"
-
-    async def run() -> None:
-        async with weave(marker=str(marker), seconds=30) as w:
-            w.do(environment="jobs")(nap)
-
-    running = asyncio.ensure_future(run())
-    pid = int(await wait_for_file(Path(f"{marker}.started")))
-    assert pid == lone_worker.process.pid
-    began = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(DeliveryLostError):
-        await asyncio.wait_for(running, 10)
-    assert time.monotonic() - began < 4  # heartbeat window 1.5 s
-
-
-async def test_large_argument_goes_by_reference(jobs: Worker, redis: ArqRedis) -> None:
-    blob, key = os.urandom(1 << 20), f"blob-{uuid.uuid4().hex}"
-    async with weave(blob=blob, delivery_idempotency_key=key) as w:
-        w.do(environment="jobs")(size_of)
-    assert w.result.size_of == len(blob)
-    stored = 0
-    for _ in range(100):  # ARQ writes the result (holding the job's arguments) just after the weave got its value
-        stored = await redis.strlen(f"arq:result:{key}")
-        if stored:
-            break
-        await asyncio.sleep(0.02)
-    assert 0 < stored < 8 * 1024  # the megabyte stayed on the callback server
-
-
-def test_pool_from_a_factory(jobs: Worker) -> None:
-    settings = RedisSettings.from_dsn(jobs.url)
-    jobs.configure(pool=lambda: create_pool(settings), redis_settings=None)
+def test_pool_from_a_factory(engine: ArqEngine) -> None:
+    settings = RedisSettings.from_dsn(engine.url)
+    engine.configure(pool=lambda: create_pool(settings), redis_settings=None)
     with weave(a=2, b=3) as w:
         w.do(environment="jobs")(add)
     assert w.result.add == 5
 
 
-def test_a_given_pool_is_used_and_left_usable(jobs: Worker) -> None:
-    settings = RedisSettings.from_dsn(jobs.url)
+def test_a_given_pool_is_used_and_left_usable(engine: ArqEngine) -> None:
+    settings = RedisSettings.from_dsn(engine.url)
     pool = ArqRedis(host=settings.host, port=settings.port, db=settings.database)  # not connected yet
-    jobs.configure(pool=pool, redis_settings=None)
+    engine.configure(pool=pool, redis_settings=None)
     with weave(a=2, b=3) as w:
         w.do(environment="jobs")(add)
     assert w.result.add == 5
@@ -236,14 +192,14 @@ def test_a_given_pool_is_used_and_left_usable(jobs: Worker) -> None:
     asyncio.run(still_usable())
 
 
-async def test_pool_opened_in_another_loop_is_refused_with_a_hint(jobs: Worker, redis: ArqRedis) -> None:
-    jobs.configure(pool=redis)  # connected in the test's loop; wove runs it in its runtime thread's loop
+async def test_pool_opened_in_another_loop_is_refused_with_a_hint(engine: ArqEngine, redis: ArqRedis) -> None:
+    engine.configure(pool=redis)  # connected in the test's loop; wove runs it in its runtime thread's loop
     with pytest.raises(BackendUnavailableError, match="another event loop"):
         async with weave(a=2, b=3) as w:
             w.do(environment="jobs")(add)
 
 
-def test_round_trip_latency(jobs: Worker) -> None:
+def test_round_trip_latency(engine: ArqEngine) -> None:
     timings = []
     for i in range(40):
         began = time.perf_counter()
@@ -290,7 +246,7 @@ def test_docs_example_runs(redis_server: RedisServer, tmp_path: Path) -> None:
         python_command("arq", "wove.integrations.arq_worker.WorkerSettings"), tmp_path / "w.log", env
     )
     try:
-        out = run_doc_example(ROOT / "docs" / "backends" / "arq.md", '"executor": "arq"', env, tmp_path)
+        out = run_doc_example(ROOT / "docs" / "backends" / "arq.md", '"executor": "arq"', env, tmp_path).stdout
     finally:
         worker.stop(timeout=5)
     assert f"total 15.0 priced by worker {{{worker.pid}}}" in out

@@ -4,8 +4,7 @@ real Redis, end to end: the adapter, the shipped worker broker, the callback ser
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
+import contextlib
 import statistics
 import time
 import uuid
@@ -15,21 +14,16 @@ from typing import Any
 
 import pytest
 
-from tests.integration._redis_queues import (
+from tests.integration.queue_support import (
     ROOT,
-    InventoryError,
     WorkerProcess,
-    add,
-    double,
-    nap,
-    nap_async,
-    out_of_stock,
     python_command,
     require_sdk,
     run_doc_example,
-    size_of,
     wait_for_file,
 )
+from tests.integration.remote_tasks import add, hold_async
+from tests.integration.scenarios import BackendScenarios, Engine
 from tests.services.redis import RedisServer
 
 require_sdk("taskiq", "taskiq_redis", venv_hint="pip install 'wove[taskiq]'")
@@ -41,7 +35,6 @@ import wove  # noqa: E402
 from wove import (  # noqa: E402
     BackendUnavailableError,
     ConfigError,
-    DeliveryLostError,
     RunCancelledError,
     weave,
 )
@@ -52,15 +45,17 @@ pytestmark = pytest.mark.integration
 DB = 11
 
 
-class Worker:
-    """One ``taskiq worker`` (one child process) consuming its own queue."""
+class TaskiqEngine(Engine):
+    """One ``taskiq worker`` (one child process, which runs the tasks) consuming its own queue."""
+
+    holding_task = staticmethod(hold_async)
 
     def __init__(self, redis: RedisServer, log: Path) -> None:
         self.url = redis.url(DB)
         self.queue = f"wove-test-{uuid.uuid4().hex[:8]}"
         env = {"WOVE_TASKIQ_BROKER_URL": self.url, "WOVE_TASKIQ_QUEUE": self.queue}
         args = python_command("taskiq", "worker", "wove.integrations.taskiq_worker:broker", "--workers", "1")
-        self.process = WorkerProcess([*args, "--log-level", "INFO", "--shutdown-timeout", "1"], log, env)
+        self.worker = WorkerProcess([*args, "--log-level", "INFO", "--shutdown-timeout", "1"], log, env)
 
     def configure(self, **executor_config: Any) -> None:
         config = {"broker_url": self.url, "queue_name": self.queue, **executor_config}
@@ -71,128 +66,67 @@ class Worker:
             }
         )
 
+    def check_started(self, pids: list[int]) -> None:
+        assert self.worker.pid not in pids  # the task ran in the worker's child process
 
-def start_worker(redis: RedisServer, log: Path) -> Iterator[Worker]:
-    worker = Worker(redis, log)
+    @contextlib.contextmanager
+    def watch_carried(self) -> Iterator[list[int]]:
+        sizes: list[int] = []
+
+        class SpyBroker(ListQueueBroker):
+            """Records the size of every message pushed to Redis."""
+
+            async def kick(self, message: BrokerMessage) -> None:
+                sizes.append(len(message.message))
+                await super().kick(message)
+
+        self.configure(broker=lambda: SpyBroker(self.url, queue_name=self.queue))
+        yield sizes
+
+
+@contextlib.contextmanager
+def running_engine(redis: RedisServer, log: Path) -> Iterator[TaskiqEngine]:
+    engine = TaskiqEngine(redis, log)
     try:
-        yield worker
+        yield engine
     finally:
-        worker.process.stop(timeout=3)
+        engine.worker.stop(timeout=3)
 
 
 @pytest.fixture(scope="module")
-def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    yield from start_worker(redis_server, tmp_path_factory.mktemp("taskiq") / "worker.log")
+def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskiqEngine]:
+    with running_engine(redis_server, tmp_path_factory.mktemp("taskiq") / "worker.log") as engine:
+        yield engine
 
 
 @pytest.fixture
-def jobs(worker: Worker) -> Worker:
+def engine(worker: TaskiqEngine) -> TaskiqEngine:
     worker.configure()
     return worker
 
 
-def test_local_remote_and_mapped_tasks(jobs: Worker) -> None:
-    with weave(n=20) as w:
-
-        @w.do
-        def items(n: int) -> list[int]:
-            return list(range(n))
-
-        @w.do(environment="jobs")
-        def total(items: list[int]) -> int:
-            return add(sum(items), 1)
-
-        @w.do("items", environment="jobs")
-        def doubled(item: int) -> tuple[int, int]:
-            return double(item)
-
-        @w.do
-        def report(total: int, doubled: list[tuple[int, int]]) -> tuple[int, list[int]]:
-            return total, [value for value, _ in doubled]
-
-    assert w.result.report == (191, [2 * i for i in range(20)])
-    assert os.getpid() not in {pid for _, pid in w.result.doubled}
-    records = w.result.records["doubled"]
-    assert [r.item for r in records] == list(range(20))
-    assert all(r.status == "succeeded" and r.submitted_at <= r.started_at <= r.finished_at for r in records)  # type: ignore[operator]
-
-
-def test_remote_exception_keeps_its_type(jobs: Worker) -> None:
-    with pytest.raises(InventoryError, match="sku-9 is out of stock"), weave(sku="sku-9") as w:
-        w.do(environment="jobs")(out_of_stock)
-
-
-async def test_cancelling_the_weave_cancels_the_running_task(jobs: Worker, tmp_path: Path) -> None:
-    marker = tmp_path / "nap"
-
-    async def run() -> None:
-        async with weave(marker=str(marker), seconds=30) as w:
-            w.do(environment="jobs")(nap_async)
-
-    running = asyncio.ensure_future(run())
-    await wait_for_file(Path(f"{marker}.started"))
-    began = time.monotonic()
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    assert time.monotonic() - began < 2
-    await wait_for_file(Path(f"{marker}.cancelled"), timeout=5)  # the coroutine on the worker was cancelled
-    assert not Path(f"{marker}.finished").exists()
-
-
-async def test_timeout_label_cancels_on_the_worker(jobs: Worker, tmp_path: Path) -> None:
-    jobs.configure(labels={"timeout": 0.3})
-    with pytest.raises(RunCancelledError, match="backend cancelled"):
-        async with weave(marker=str(tmp_path / "nap"), seconds=30) as w:
-            w.do(environment="jobs")(nap_async)
-    await wait_for_file(Path(f"{tmp_path / 'nap'}.cancelled"), timeout=5)
-
-
 @pytest.fixture
-def lone_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Worker]:
-    yield from start_worker(redis_server, tmp_path / "lone-worker.log")
+def victim(redis_server: RedisServer, tmp_path: Path) -> Iterator[TaskiqEngine]:
+    with running_engine(redis_server, tmp_path / "lone-worker.log") as engine:
+        engine.configure()
+        yield engine
 
 
-async def test_killed_worker_is_lost_within_the_heartbeat_window(lone_worker: Worker, tmp_path: Path) -> None:
-    lone_worker.configure()
-    marker = tmp_path / "nap"
-
-    async def run() -> None:
-        async with weave(marker=str(marker), seconds=30) as w:
-            w.do(environment="jobs")(nap)
-
-    running = asyncio.ensure_future(run())
-    pid = int(await wait_for_file(Path(f"{marker}.started")))
-    assert pid != lone_worker.process.pid  # the task ran in the worker's child process
-    began = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(DeliveryLostError):
-        await asyncio.wait_for(running, 10)
-    assert time.monotonic() - began < 4  # heartbeat window 1.5 s
+class TestScenarios(BackendScenarios):
+    """The shared scenarios on Taskiq."""
 
 
-class SpyBroker(ListQueueBroker):
-    """Records the size of every message pushed to Redis."""
-
-    sizes: list[int] = []  # noqa: RUF012
-
-    async def kick(self, message: BrokerMessage) -> None:
-        self.sizes.append(len(message.message))
-        await super().kick(message)
+async def test_timeout_label_cancels_on_the_worker(engine: TaskiqEngine, tmp_path: Path) -> None:
+    engine.configure(labels={"timeout": 0.3})
+    with pytest.raises(RunCancelledError, match="backend cancelled"):
+        async with weave(folder=str(tmp_path)) as w:
+            w.do(environment="jobs")(hold_async)
+    await wait_for_file(tmp_path / "cancelled-0", timeout=5)
 
 
-def test_large_argument_goes_by_reference(jobs: Worker) -> None:
-    jobs.configure(broker=lambda: SpyBroker(jobs.url, queue_name=jobs.queue))
-    blob = os.urandom(1 << 20)
-    with weave(blob=blob) as w:
-        w.do(environment="jobs")(size_of)
-    assert w.result.size_of == len(blob)
-    assert SpyBroker.sizes and max(SpyBroker.sizes) < 8 * 1024  # the megabyte stayed on the callback server
-
-
-def test_a_given_broker_is_used_and_left_running(jobs: Worker) -> None:
-    broker = ListQueueBroker(jobs.url, queue_name=jobs.queue)
-    jobs.configure(broker=broker)
+def test_a_given_broker_is_used_and_left_running(engine: TaskiqEngine) -> None:
+    broker = ListQueueBroker(engine.url, queue_name=engine.queue)
+    engine.configure(broker=broker)
     with weave(a=2, b=3) as w:
         w.do(environment="jobs")(add)
     assert w.result.add == 5
@@ -205,10 +139,10 @@ def test_a_given_broker_is_used_and_left_running(jobs: Worker) -> None:
     asyncio.run(still_usable())
 
 
-async def test_a_broker_used_in_another_loop_is_refused_with_a_hint(jobs: Worker) -> None:
-    broker = ListQueueBroker(jobs.url, queue_name=jobs.queue)
+async def test_a_broker_used_in_another_loop_is_refused_with_a_hint(engine: TaskiqEngine) -> None:
+    broker = ListQueueBroker(engine.url, queue_name=engine.queue)
     await broker.kick(BrokerMessage(task_id="t", task_name="none", message=b"{}", labels={"queue_name": "unused"}))
-    jobs.configure(broker=broker)  # its pooled connection belongs to the test's loop
+    engine.configure(broker=broker)  # its pooled connection belongs to the test's loop
     try:
         with pytest.raises(BackendUnavailableError, match="another event loop"):
             async with weave(a=2, b=3) as w:
@@ -226,7 +160,7 @@ async def test_a_cancel_that_arrives_first_skips_the_run() -> None:
         await run({"run_id": run_id, "callback_url": "http://127.0.0.1:1/never-called"})
 
 
-def test_round_trip_latency(jobs: Worker) -> None:
+def test_round_trip_latency(engine: TaskiqEngine) -> None:
     timings = []
     for i in range(40):
         began = time.perf_counter()
@@ -267,7 +201,7 @@ def test_docs_example_runs(redis_server: RedisServer, tmp_path: Path) -> None:
     args = python_command("taskiq", "worker", "wove.integrations.taskiq_worker:broker", "--workers", "1")
     worker = WorkerProcess([*args, "--shutdown-timeout", "1"], tmp_path / "w.log", env)
     try:
-        out = run_doc_example(ROOT / "docs" / "backends" / "taskiq.md", '"executor": "taskiq"', env, tmp_path)
+        out = run_doc_example(ROOT / "docs" / "backends" / "taskiq.md", '"executor": "taskiq"', env, tmp_path).stdout
     finally:
         worker.stop(timeout=3)
     assert "total 15.0 priced by worker {" in out

@@ -6,30 +6,19 @@ after the other, then one weave mapping 500 items. Both run on the same local Ra
 
 Native and wove measurements alternate ``--repeat`` times (medians reported): the machines are shared and noisy.
 
-Run: python benchmarks/backends/ray.py [--sequential 200] [--concurrent 500] [--repeat 3]
+Run: python -m benchmarks.backends.bench_ray [--sequential 200] [--concurrent 500] [--repeat 3]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a file, this module's directory comes first on sys.path, where this file would shadow the ray package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(_HERE.parents[1]))
-
-import argparse
 import importlib
 import os
 import shutil
 import tempfile
 from typing import Any
 
-from benchmarks.backends._side_by_side import Row, compare, measure, measure_wove, print_table
+from benchmarks.backends._side_by_side import ROOT, Row, command_line, compare, measure, measure_wove, print_table
 
-ROOT = _HERE.parents[1]
 #: Ray's processes inherit these: no token file under the home directory, and this module importable by workers.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 
@@ -44,7 +33,7 @@ def run(sequential: int = 200, concurrent: int = 500, repeat: int = 3) -> list[d
     import ray
 
     # The function by its importable name, as a user's module function would be (also when run as a script).
-    func = importlib.import_module("benchmarks.backends.ray").echo
+    func = importlib.import_module("benchmarks.backends.bench_ray").echo
     remote_echo = ray.remote(func)
     temp = tempfile.mkdtemp(prefix="wove-ray-")  # short: Ray's socket paths must fit in 107 bytes
     saved = {key: os.environ.get(key) for key in RAY_ENV}
@@ -79,9 +68,7 @@ def run(sequential: int = 200, concurrent: int = 500, repeat: int = 3) -> list[d
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequential", type=int, default=200)
-    parser.add_argument("--concurrent", type=int, default=500)
+    parser = command_line(__doc__ or "")
     parser.add_argument("--repeat", type=int, default=3, help="alternate native and wove this many times (medians)")
     options = parser.parse_args()
     rows = run(options.sequential, options.concurrent, options.repeat)

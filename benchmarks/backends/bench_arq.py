@@ -6,31 +6,31 @@ Single calls alternate between the two; throughput is the median of three bursts
 worker process, whose ``WorkerSettings`` (below) registers the native function and ``wove_function``, polling its
 queue every ``--poll-delay`` seconds (default 0.002).
 
-Run with the ARQ environment (ARQ pins redis<6): .venv-arq/bin/python benchmarks/backends/arq.py
+Run with the ARQ environment (ARQ pins redis<6): .venv-arq/bin/python -m benchmarks.backends.bench_arq
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a file, this module's directory comes first on sys.path, where this very file would shadow the arq package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(_HERE.parents[1]))
-
-import argparse
 import asyncio
 import importlib
 import os
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from arq.connections import RedisSettings, create_pool
 from arq.worker import func
 
-from benchmarks.backends._redis_queues import compare, print_table, redis_and_worker
+from benchmarks.backends._side_by_side import (
+    WorkerCommand,
+    command_line,
+    compare_interleaved,
+    print_table,
+    redis_and_workers,
+)
 from wove.integrations.arq_worker import DEFAULT_POLL_DELAY, wove_function
+
+if TYPE_CHECKING:
+    from tests.services.redis import RedisServer
 
 QUEUE = "arq:bench"
 NATIVE = "bench.echo"
@@ -87,28 +87,27 @@ class NativeArq:
 def run(sequential: int = 200, concurrent: int = 500, poll_delay: float = POLL_DELAY) -> list[dict[str, Any]]:
     """One row: native ARQ against wove on ARQ, on a Redis and a worker started (and stopped) here."""
 
-    def worker(url: str) -> tuple[list[str], dict[str, str]]:
-        args = [sys.executable, "-m", "arq", "benchmarks.backends.arq.WorkerSettings"]
-        return args, {"WOVE_ARQ_REDIS_URL": url, "WOVE_ARQ_POLL_DELAY": str(poll_delay)}
+    def worker(redis: RedisServer) -> list[WorkerCommand]:
+        args = [sys.executable, "-m", "arq", "benchmarks.backends.bench_arq.WorkerSettings"]
+        return [(args, {"WOVE_ARQ_REDIS_URL": redis.url(0), "WOVE_ARQ_POLL_DELAY": str(poll_delay)})]
 
     # The wove task by its importable name, as a user's module function would be (also when run as a script).
-    task = importlib.import_module("benchmarks.backends.arq").echo
-    with redis_and_worker(worker) as (url, _):
+    task = importlib.import_module("benchmarks.backends.bench_arq").echo
+    with redis_and_workers(worker) as redis:
+        url = redis.url(0)
         native = NativeArq(url)
         try:
             environment = {"executor": "arq", "executor_config": {"redis_settings": url, "queue_name": QUEUE}}
-            return [compare("arq", native, environment, task, sequential, concurrent)]
+            return [
+                compare_interleaved(f"arq (poll {poll_delay} s)", native, environment, task, sequential, concurrent)
+            ]
         finally:
             native.close()
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequential", type=int, default=200)
-    parser.add_argument("--concurrent", type=int, default=500)
-    parser.add_argument("--poll-delay", type=float, default=POLL_DELAY)
+    parser = command_line(__doc__ or "")
+    parser.add_argument("--poll-delay", type=float, default=POLL_DELAY, help="the worker's poll_delay, in seconds")
     options = parser.parse_args()
     rows = run(options.sequential, options.concurrent, options.poll_delay)
-    print_table(
-        rows, f"worker poll_delay {options.poll_delay}s; {options.sequential} sequential, {options.concurrent} at once"
-    )
+    print_table(rows, f"{options.sequential} sequential, {options.concurrent} at once")

@@ -6,32 +6,32 @@ polled), and a weave mapping 500 items. Single calls alternate between the two; 
 bursts each. Both run on the same ``taskiq worker`` (one process), whose broker (``worker_broker`` below) registers
 the native task and the wove task on a ``ListQueueBroker``.
 
-Run: python benchmarks/backends/taskiq.py
+Run: python -m benchmarks.backends.bench_taskiq [--sequential 200] [--concurrent 500]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a file, this module's directory comes first on sys.path, where this file would shadow the taskiq package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(_HERE.parents[1]))
-
-import argparse
 import asyncio
 import importlib
 import os
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from taskiq import AsyncBroker
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
-from benchmarks.backends._redis_queues import compare, print_table, redis_and_worker
+from benchmarks.backends._side_by_side import (
+    WorkerCommand,
+    command_line,
+    compare_interleaved,
+    print_table,
+    redis_and_workers,
+)
 from wove.integrations.taskiq_worker import register
+
+if TYPE_CHECKING:
+    from tests.services.redis import RedisServer
 
 QUEUE = "bench"
 NATIVE = "bench.echo"
@@ -47,7 +47,8 @@ def make_broker(url: str) -> AsyncBroker:
 
 
 def worker_broker() -> AsyncBroker:
-    """The worker's broker (``taskiq worker benchmarks.backends.taskiq:worker_broker``): native task and wove's."""
+    """The worker's broker (``taskiq worker benchmarks.backends.bench_taskiq:worker_broker``): the native task and
+    wove's."""
     broker = make_broker(os.environ["WOVE_TASKIQ_BROKER_URL"])
     broker.register_task(echo, task_name=NATIVE)
     register(broker)
@@ -84,26 +85,24 @@ class NativeTaskiq:
 def run(sequential: int = 200, concurrent: int = 500) -> list[dict[str, Any]]:
     """One row: native Taskiq against wove on Taskiq, on a Redis and a worker started (and stopped) here."""
 
-    def worker(url: str) -> tuple[list[str], dict[str, str]]:
-        args = [sys.executable, "-m", "taskiq", "worker", "benchmarks.backends.taskiq:worker_broker", "--workers", "1"]
-        return [*args, "--log-level", "WARNING", "--shutdown-timeout", "1"], {"WOVE_TASKIQ_BROKER_URL": url}
+    def worker(redis: RedisServer) -> list[WorkerCommand]:
+        args = [sys.executable, "-m", "taskiq", "worker", "benchmarks.backends.bench_taskiq:worker_broker"]
+        args += ["--workers", "1", "--log-level", "WARNING", "--shutdown-timeout", "1"]
+        return [(args, {"WOVE_TASKIQ_BROKER_URL": redis.url(0)})]
 
     # The wove task by its importable name, as a user's module function would be (also when run as a script).
-    task = importlib.import_module("benchmarks.backends.taskiq").echo
-    with redis_and_worker(worker) as (url, _):
+    task = importlib.import_module("benchmarks.backends.bench_taskiq").echo
+    with redis_and_workers(worker) as redis:
+        url = redis.url(0)
         native = NativeTaskiq(url)
         try:
             environment = {"executor": "taskiq", "executor_config": {"broker_url": url, "queue_name": QUEUE}}
-            return [compare("taskiq", native, environment, task, sequential, concurrent)]
+            return [compare_interleaved("taskiq", native, environment, task, sequential, concurrent)]
         finally:
             native.close()
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequential", type=int, default=200)
-    parser.add_argument("--concurrent", type=int, default=500)
-    options = parser.parse_args()
-    print_table(
-        run(options.sequential, options.concurrent), f"{options.sequential} sequential, {options.concurrent} at once"
-    )
+    options = command_line(__doc__ or "").parse_args()
+    rows = run(options.sequential, options.concurrent)
+    print_table(rows, f"{options.sequential} sequential, {options.concurrent} at once")

@@ -6,28 +6,16 @@ weave mapping 500 items. Both run on the same ``LocalCluster`` (two worker proce
 
 Native and wove measurements alternate ``--repeat`` times (medians reported): the machines are shared and noisy.
 
-Run: python benchmarks/backends/dask.py [--sequential 200] [--concurrent 500] [--repeat 3]
+Run: python -m benchmarks.backends.bench_dask [--sequential 200] [--concurrent 500] [--repeat 3]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a file, this module's directory comes first on sys.path, where this file would shadow the dask package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(_HERE.parents[1]))
-
-import argparse
 import importlib
 import tempfile
 from typing import Any
 
-from benchmarks.backends._side_by_side import Row, compare, measure, measure_wove, print_table
-
-ROOT = _HERE.parents[1]
+from benchmarks.backends._side_by_side import ROOT, Row, command_line, compare, measure, measure_wove, print_table
 
 
 def echo(value: int) -> int:
@@ -40,7 +28,7 @@ def run(sequential: int = 200, concurrent: int = 500, repeat: int = 3) -> list[d
     from distributed import Client, LocalCluster
 
     # The function by its importable name, as a user's module function would be (also when run as a script).
-    func = importlib.import_module("benchmarks.backends.dask").echo
+    func = importlib.import_module("benchmarks.backends.bench_dask").echo
     with tempfile.TemporaryDirectory(prefix="wove-bench-dask-") as tmp:
         cluster = LocalCluster(
             n_workers=2,
@@ -74,9 +62,7 @@ def run(sequential: int = 200, concurrent: int = 500, repeat: int = 3) -> list[d
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequential", type=int, default=200)
-    parser.add_argument("--concurrent", type=int, default=500)
+    parser = command_line(__doc__ or "")
     parser.add_argument("--repeat", type=int, default=3, help="alternate native and wove this many times (medians)")
     options = parser.parse_args()
     rows = run(options.sequential, options.concurrent, options.repeat)
