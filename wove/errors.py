@@ -134,6 +134,16 @@ class CallbackError(DispatchError):
         self.reason = reason
         super().__init__(message, run_id=run_id)
 
+    @property
+    def duplicate_delivery(self) -> bool:
+        """Whether the refusal means this worker holds a second delivery of a payload another delivery owns.
+
+        At-least-once backends deliver again after a lost acknowledgement or a visibility timeout. The callback
+        server refuses the copy before its task runs: ``run_already_started`` while the first delivery runs,
+        ``run_not_pending`` once the run resolved or was given up. Task-system integrations end such a copy quietly.
+        """
+        return self.reason in ("run_already_started", "run_not_pending")
+
 
 class RemoteTaskError(WoveError):
     """A remote task failed with an exception that could not be rebuilt in this process."""

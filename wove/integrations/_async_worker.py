@@ -60,6 +60,6 @@ async def run_payload(payload: Mapping[str, Any]) -> None:
     try:
         await run_backend_payload_async(payload, session=session())
     except CallbackError as exc:
-        if exc.reason != "run_not_pending":
+        if not exc.duplicate_delivery:
             raise
         logger.info("run %s skipped: the weave no longer waits for it (cancelled or lost)", payload.get("run_id"))

@@ -110,7 +110,7 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes], entrypoint: Callable[..., 
             elif isinstance(exc, (CallbackError, PayloadError, BackendUnavailableError)):
                 # The run could not be loaded or its events not delivered: worth a line on stderr.
                 print(f"wove process worker: run {run_id}: {exc}", file=sys.stderr)
-                if isinstance(exc, CallbackError) and exc.reason != "run_not_pending":
+                if isinstance(exc, CallbackError) and not exc.duplicate_delivery:
                     _send(proto_out, {"op": "free", "run_id": run_id})
                     _send(proto_out, {"op": "undelivered", "run_id": run_id})
                     continue

@@ -2,8 +2,9 @@
 
 Brokers deliver at least once: a Celery worker killed after posting a result but before acknowledging the message
 (``acks_late``), an RQ job re-enqueued by hand, a revoke that missed a restarted worker. Such a copy reaches the
-callback server after the run resolved or was cancelled, and the server refuses its first frame (or its body download)
-with ``run_not_pending`` before the task's code runs. That refusal is the normal end of a duplicate, not a failure.
+callback server while the first copy runs or after the run resolved, and the server refuses its first frame (or its
+body download) before the task's code runs (``CallbackError.duplicate_delivery``). That refusal is the normal end of a
+duplicate, not a failure.
 
 Workers that run jobs in their main thread (RQ's ``SimpleWorker``, Celery's ``solo`` pool) use SIGTERM for a warm
 shutdown; :func:`run_beside_main_thread` keeps wove's entrypoint, which would read it as a cancel, off that thread.
@@ -37,12 +38,13 @@ def run_delivery(payload: Mapping[str, Any], logger: logging.Logger) -> None:
     try:
         run(payload)
     except CallbackError as exc:
-        if exc.reason != "run_not_pending":
+        if not exc.duplicate_delivery:
             raise
         logger.info(
-            "run %s of task %r is no longer pending (already resolved or cancelled); skipped this delivery",
+            "run %s of task %r is %s; skipped this delivery",
             payload.get("run_id"),
             payload.get("task_name"),
+            "already running elsewhere" if exc.reason == "run_already_started" else "no longer pending",
         )
 
 

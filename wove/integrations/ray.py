@@ -71,7 +71,7 @@ def run_payload(payload: Mapping[str, Any]) -> None:
     try:
         run(payload)
     except CallbackError as exc:
-        if exc.reason != "run_not_pending":
+        if not exc.duplicate_delivery:
             raise
         logger.info("run %s is no longer pending; skipped this execution", payload.get("run_id"))
 

@@ -289,7 +289,8 @@ async def test_a_second_delivery_of_a_started_run_never_runs_the_body(
     server: BackendCallbackServer, runner, tmp_path
 ) -> None:
     """An at-least-once backend may hand the same payload to two workers while the first still runs: the second's
-    task_started is refused (409) and it raises without running the task; the first one's frames still count."""
+    task_started is refused (409) and it raises, marked as a duplicate delivery, without running the task; the
+    first one's frames still count. After the run resolved, a late copy is refused the same way."""
     marker = tmp_path / "ran"
     first_payload = _payload(server, backend_tasks.sleep_then, seconds=0.3, value=1)
     first = asyncio.ensure_future(asyncio.to_thread(run_backend_payload, first_payload))
@@ -298,7 +299,10 @@ async def test_a_second_delivery_of_a_started_run_never_runs_the_body(
     duplicate = _payload(server, backend_tasks.touch, path=str(marker))  # same run id, another body
     with pytest.raises(CallbackError, match="run_already_started") as refused:
         await runner(duplicate)
-    assert refused.value.status == 409 and not marker.exists()
+    assert refused.value.status == 409 and refused.value.duplicate_delivery and not marker.exists()
     assert await asyncio.wait_for(first, 5) == 1
     assert (await recv(server))["type"] == "task_result"
+    with pytest.raises(CallbackError, match="run_not_pending") as late:
+        await runner(duplicate)
+    assert late.value.duplicate_delivery and not marker.exists()
     await no_frame(server, 0.1)
