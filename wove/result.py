@@ -50,6 +50,30 @@ class RunRecord:
             return None
         return max(0.0, self.finished_at - self.started_at)
 
+    @property
+    def label(self) -> str:
+        """The task's name, with the item's index for a mapped task: ``priced[3]``."""
+        return self.task if self.item is None else f"{self.task}[{self.item}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-safe values; the error as ``{"type", "message"}``."""
+        error = None if self.error is None else {"type": type(self.error).__name__, "message": str(self.error)}
+        return {
+            "task": self.task,
+            "item": self.item,
+            "environment": self.environment,
+            "attempt": self.attempt,
+            "run_id": self.run_id,
+            "submission": self.submission,
+            "host": self.host,
+            "pid": self.pid,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "status": self.status,
+            "error": error,
+        }
+
 
 _RESERVED = frozenset({"final", "errors", "records", "timeline", "names", "get"})
 
@@ -119,14 +143,33 @@ class WeaveResult(Mapping[str, Any]):
         return self._records
 
     def timeline(self) -> str:
-        """A plain-text table of every run: where it ran, its queue wait and its run time."""
-        rows = [("task", "environment", "attempt", "host:pid", "wait ms", "run ms", "status")]
-        for name in self._order:
-            for rec in self._records.get(name, []):
-                label = name if rec.item is None else f"{name}[{rec.item}]"
-                where = f"{rec.host or '?'}:{rec.pid or '?'}"
-                wait = "" if rec.queue_wait is None else f"{rec.queue_wait * 1000:.1f}"
-                run = "" if rec.run_time is None else f"{rec.run_time * 1000:.1f}"
-                rows.append((label, rec.environment, str(rec.attempt), where, wait, run, rec.status))
+        """A plain-text table of every run, in declaration order: where it ran, when it was submitted (ms after the
+        weave's first submission), its queue wait, its run time, its status, and its error when it failed."""
+        records = [rec for name in self._order for rec in self._records.get(name, [])]
+        origin = min((rec.submitted_at for rec in records if rec.submitted_at is not None), default=0.0)
+        failed = any(rec.error is not None for rec in records)
+        header = ("task", "environment", "attempt", "host:pid", "at ms", "wait ms", "run ms", "status")
+        rows: list[tuple[str, ...]] = [(*header, "error") if failed else header]
+        for rec in records:
+            where = f"{rec.host or '?'}:{rec.pid or '?'}"
+            at = "" if rec.submitted_at is None else f"{(rec.submitted_at - origin) * 1000:.1f}"
+            wait = "" if rec.queue_wait is None else f"{rec.queue_wait * 1000:.1f}"
+            run = "" if rec.run_time is None else f"{rec.run_time * 1000:.1f}"
+            row: tuple[str, ...] = (rec.label, rec.environment, str(rec.attempt), where, at, wait, run, rec.status)
+            if failed:
+                row = (*row, _error_text(rec.error))
+            rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+#: Characters of an error's message the timeline shows.
+ERROR_WIDTH = 60
+
+
+def _error_text(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    message = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 3] + "..."

@@ -319,6 +319,17 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         if run is not None:
             now = time.time()
             kind = frame.get("type")
+            submitting = run.submitting
+            if (
+                kind in TERMINAL_EVENTS
+                and submitting is not None
+                and not submitting.done()
+                and submitting is not asyncio.current_task()
+            ):
+                # The worker finished before submit() returned (a short task, a slow broker acknowledgement): hold
+                # the outcome until the backend's id for the job is known, so the run's record carries it.
+                submitting.add_done_callback(lambda _: self._accept(frame))
+                return
             if kind in TERMINAL_EVENTS and run.started_at is None and "started_at" in frame:
                 # A short run on a lazily starting worker carries its start in its terminal frame: give the
                 # runtime the task_started it would have seen (wove.backend.worker.run_payload, start="lazy").

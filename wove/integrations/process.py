@@ -54,6 +54,10 @@ class ProcessSubmission:
 
     run_id: str
 
+    def __str__(self) -> str:
+        """The pool knows a job by its run id: that is its id in ``w.result.records``."""
+        return self.run_id
+
 
 @dataclass(eq=False)
 class _Job:
