@@ -5,7 +5,7 @@ Sections (each prints a table):
 * ingest      frames/s the callback server takes from 1, 4 and 16 posting processes (``post_event``, one
               keep-alive connection each, run-scoped URLs), and how many frames were lost.
 * roundtrip   payload built -> long-lived worker process -> ``task_result`` at ``recv()``; median and p99, for the
-              sync entrypoint and the async one (own session per run, or a shared session).
+              sync entrypoint and the async one.
 * cold        ``python -m wove.backend_worker B64`` spawned per run until ``task_result`` at ``recv()``; beside it
               the bare interpreter start, and the same worker with ``wove/__init__`` bypassed (the transport's own
               share, while the package's ``__init__`` imports the whole engine).
@@ -88,21 +88,17 @@ for line in sys.stdin:
 
 ASYNC_WORKER = r"""
 import asyncio, json, sys
-import aiohttp
 from wove.backend import run_backend_payload_async
 
-async def main(shared):
-    session = aiohttp.ClientSession() if shared else None
+async def main():
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     print("ready", flush=True)
     while line := await reader.readline():
-        await run_backend_payload_async(json.loads(line), session=session)
-    if session is not None:
-        await session.close()
+        await run_backend_payload_async(json.loads(line))
 
-asyncio.run(main(sys.argv[1] == "shared"))
+asyncio.run(main())
 """
 
 #: The CLI worker with the ``wove`` package's ``__init__`` bypassed: what the transport itself costs at start.
@@ -258,8 +254,7 @@ async def roundtrip(quick: bool) -> None:
     rows = []
     for label, args in (
         ("sync run_backend_payload", ["-c", SYNC_WORKER]),
-        ("async, session per run", ["-c", ASYNC_WORKER, "own"]),
-        ("async, shared session", ["-c", ASYNC_WORKER, "shared"]),
+        ("async run_backend_payload_async", ["-c", ASYNC_WORKER]),
     ):
         async with BackendCallbackServer() as server:
             proc = await _spawn(*args)

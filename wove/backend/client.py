@@ -1,11 +1,10 @@
 """Posting frames to the callback server from synchronous code, and fetching payload blobs.
 
-A keep-alive HTTP/1.1 connection per callback origin, pooled per thread, on a plain socket with ``httptools``
-(llhttp) parsing the answers: a worker process pays for neither aiohttp's import nor ``http.client``'s (which pulls
-in the ``email`` package and parses every answer's headers with it), nor for a new TCP connection per frame, and a
-long-lived worker reuses its connection across runs. A request goes out in one write (``TCP_NODELAY``, head and a
-small body together). Answers may use ``Content-Length``, ``chunked`` or end at close, so a proxy in between is
-fine. Retries, deadlines and uploads follow :mod:`wove.backend.delivery`.
+A keep-alive HTTP/1.1 connection per callback origin, pooled per thread, on a plain socket speaking
+:mod:`wove.backend.wire` (answers parsed by ``httptools``): a worker process pays for neither aiohttp's import
+nor ``http.client``'s (which pulls in the ``email`` package and parses every answer's headers with it), nor for a
+new TCP connection per frame, and a long-lived worker reuses its connection across runs. Retries, deadlines and
+uploads follow :mod:`wove.backend.delivery`.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
-
-import httptools
 
 from wove.backend.codec import EncodedFrame, encode_frame
 from wove.backend.delivery import (
@@ -38,17 +35,10 @@ from wove.backend.delivery import (
     upload_part,
     upload_plan,
 )
+from wove.backend.wire import COALESCE, READ_SIZE, Answer, host_header, request_parts
 from wove.errors import CallbackError
 
 __all__ = ["CallbackConnection", "post_event"]
-
-#: Bodies up to this size go out in the same write as the request head.
-_COALESCE = 16 * 1024
-_RECV = 64 * 1024
-
-
-class BadAnswer(OSError):
-    """The server's answer is not HTTP/1.x as this client understands it (retried like a connection error)."""
 
 
 class _Wire:
@@ -78,9 +68,7 @@ class _Wire:
         self.open = True
         #: A frame sent without reading its answer yet (see CallbackConnection.post_unanswered).
         self.owed: _Owed | None = None
-        default = 443 if target.scheme == "https" else 80
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        self.host = host if target.port == default else f"{host}:{target.port}"
+        self.host = host_header(target.scheme, target.host, target.port)
 
     def close(self) -> None:
         self.open = False
@@ -95,53 +83,31 @@ class _Wire:
             self.timeout = timeout
 
     def send(self, method: str, path: str, headers: Mapping[str, str], body: EncodedFrame | None) -> None:
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-        for name, value in headers.items():
-            head += f"{name}: {value}\r\n"
-        parts: list[Any] = []
-        if body is not None:
-            head += f"Content-Type: {body.content_type}\r\nContent-Length: {body.size}\r\n"
-            parts = body.parts
-        data = (head + "\r\n").encode("latin-1")
-        sock = self.sock
         try:
-            if not parts:
-                sock.sendall(data)
-            elif body is not None and body.size <= _COALESCE:
-                sock.sendall(data + b"".join(parts))
-            else:
-                sock.sendall(data)
-                for part in parts:
-                    sock.sendall(part)
+            for data in request_parts(method, path, self.host, headers, body):
+                self.sock.sendall(data)
         except BlockingIOError:  # the kernel's send timeout
             raise TimeoutError("timed out sending to the callback server") from None
 
     def answer(self) -> tuple[int, dict[str, str], bytearray]:
         """Read one final answer: ``(status, headers with lower-case names, body)``.
 
-        ``httptools`` (llhttp) parses it; this only feeds it what the socket delivers, into one body buffer of the
-        announced size when there is one.
+        One answer per request and no request goes out before the last answer was read, so a read never holds
+        bytes of the next answer.
         """
         while True:
-            answer = _Answer()
-            parser = answer.parser = httptools.HttpResponseParser(answer)
+            answer = Answer()
             try:
-                # One answer per request and no request goes out before the last answer was read, so a read
-                # never holds bytes of the next answer.
                 while not answer.complete:
                     data = self._recv()
                     if not data:
-                        if answer.until_close:
-                            parser.feed_data(b"")  # an answer without a length ends at close
+                        if answer.end():
                             break
-                        self.open = False
                         raise ConnectionResetError("the callback server closed the connection before answering")
-                    parser.feed_data(data)
-            except httptools.HttpParserError as exc:
+                    answer.feed(data)
+            except OSError:
                 self.open = False
-                raise BadAnswer(f"not an HTTP/1.x answer the client understands: {exc}") from None
-            finally:
-                answer.parser = None  # parser -> answer -> parser: break the cycle so the body is freed at once
+                raise
             if not answer.keep_alive:
                 self.open = False
             if answer.status >= 200:
@@ -149,50 +115,9 @@ class _Wire:
 
     def _recv(self) -> bytes:
         try:
-            return self.sock.recv(_RECV)
+            return self.sock.recv(READ_SIZE)
         except BlockingIOError:  # the kernel's receive timeout
             raise TimeoutError("timed out waiting for the callback server") from None
-
-
-class _Answer:
-    """Collects one answer from ``httptools`` callbacks: status, headers, body."""
-
-    __slots__ = ("body", "complete", "filled", "headers", "keep_alive", "parser", "status", "until_close")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.body = bytearray()
-        self.filled = 0
-        self.complete = False
-        self.keep_alive = True
-        self.until_close = False
-        self.parser: httptools.HttpResponseParser | None = None
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
-        length = self.headers.get("content-length", "")
-        if length.isdigit():
-            self.body = bytearray(int(length))  # filled in place: one copy of a large blob, not a growing one
-        elif "chunked" not in self.headers.get("transfer-encoding", "").lower():
-            self.until_close = True
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_body(self, data: bytes) -> None:
-        if self.filled + len(data) <= len(self.body):  # the buffer sized from Content-Length
-            self.body[self.filled : self.filled + len(data)] = data
-        else:
-            self.body += data
-        self.filled += len(data)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        if self.filled < len(self.body):
-            del self.body[self.filled :]
 
 
 #: Whether SO_RCVTIMEO/SO_SNDTIMEO can carry the timeouts (everywhere but Windows, for plain TCP).
@@ -297,7 +222,7 @@ class CallbackConnection:
         """
         self.settle()
         encoded = encode_frame(frame)
-        if self._wire is None or encoded.size > _COALESCE:
+        if self._wire is None or encoded.size > COALESCE:
             self.post(frame)
             return
         try:

@@ -38,8 +38,6 @@ from wove.errors import BackendUnavailableError, CallbackError, PayloadError
 if TYPE_CHECKING:
     import logging
 
-    import aiohttp
-
     from wove.backend.aclient import AsyncCallbackConnection
     from wove.tracing import WorkerSpan
 
@@ -528,19 +526,19 @@ class _SyncRun:
 # -- asynchronous -----------------------------------------------------------------------------------------------------
 
 
-async def run_backend_payload_async(payload: Mapping[str, Any], *, session: aiohttp.ClientSession | None = None) -> Any:
+async def run_backend_payload_async(payload: Mapping[str, Any]) -> Any:
     """Execute a backend payload and deliver the result to its callback URL.
 
     Coroutine functions are awaited; plain callables run in a thread so heartbeats keep flowing. Cancelling this
-    coroutine cancels the task and posts ``task_cancelled``. A long-lived async worker should pass its own aiohttp
-    ``session`` so runs share keep-alive connections; otherwise each run opens (and closes) one.
+    coroutine cancels the task and posts ``task_cancelled``. Runs on one event loop share keep-alive connections
+    to the callback server.
     """
     import asyncio
 
     from wove.backend.aclient import AsyncCallbackConnection
 
     job = _Job(payload)
-    async with AsyncCallbackConnection(job.callback_url, session=session) as conn:
+    async with AsyncCallbackConnection(job.callback_url) as conn:
         try:
             (_, callable_field, callable_what), (_, args_field, args_what) = job.body_fields()
             fn = _cached_callable(callable_field)

@@ -28,7 +28,7 @@ from typing import Any
 from arq.connections import RedisSettings
 from arq.worker import func
 
-from wove.integrations._async_worker import close_session, run_payload
+from wove.integrations._async_worker import close_connections, run_payload
 from wove.integrations.arq import DEFAULT_QUEUE, DEFAULT_REDIS_URL, FUNCTION_NAME, REDIS_URL_ENV
 
 __all__ = ["WorkerSettings", "run", "shutdown", "wove_function"]
@@ -49,7 +49,7 @@ wove_function = func(run, name=FUNCTION_NAME)
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     """Close the worker's connections to callback servers."""
-    await close_session()
+    await close_connections()
 
 
 def _env_number(name: str, default: float, minimum: float = 0.0) -> float:

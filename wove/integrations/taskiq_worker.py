@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
-from wove.integrations._async_worker import close_session, run_payload
+from wove.integrations._async_worker import close_connections, run_payload
 from wove.integrations.taskiq import BROKER_URL_ENV, CANCEL_CHANNEL, DEFAULT_BROKER_URL, DEFAULT_QUEUE, TASK_NAME
 
 __all__ = ["CancelListener", "cancel_run", "register", "run"]  # and ``broker``, built on first access
@@ -95,7 +95,7 @@ class CancelListener:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await close_session()
+        await close_connections()
 
     async def _listen(self, pool: Any, subscribed: asyncio.Future[None]) -> None:
         from redis.asyncio import Redis

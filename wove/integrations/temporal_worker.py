@@ -40,7 +40,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from wove.errors import BackendUnavailableError, CallbackError, PayloadError
-from wove.integrations._async_worker import close_session
+from wove.integrations._async_worker import close_connections
 from wove.integrations._async_worker import run_payload as run_on_session
 from wove.integrations.temporal_workflow import ACTIVITY_NAME, WoveRunWorkflow
 
@@ -235,7 +235,7 @@ async def _serve(args: argparse.Namespace, tls: bool | TLSConfig) -> int:
         error = running.exception() if running.done() and not running.cancelled() else None
     finally:
         stopping.cancel()
-        await close_session()
+        await close_connections()
     if error is not None:
         code = EXIT_UNAVAILABLE if "validation failed" in str(error).lower() else EXIT_FAILED
         return _fail(code, f"worker on {where} failed: {error}")

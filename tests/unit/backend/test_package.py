@@ -72,7 +72,7 @@ BLOCKED = """
 import importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("aiohttp", "cloudpickle"):
+        if name.split(".")[0] in ("aiohttp", "cloudpickle", "httptools"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 sys.meta_path.insert(0, Block())

@@ -1,4 +1,4 @@
-"""The helper the asyncio workers (ARQ, Taskiq) run payloads through: one session per loop, closed runs skipped."""
+"""The helper the asyncio workers (ARQ, Taskiq) run payloads through: shared connections, closed runs skipped."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from wove.backend import BackendCallbackServer
+from wove.backend import BackendCallbackServer, aclient
 from wove.backend.codec import build_backend_payload_for_run
 from wove.errors import CallbackError
 from wove.integrations import _async_worker
@@ -35,7 +35,7 @@ async def server() -> AsyncIterator[BackendCallbackServer]:
     await srv.start()
     yield srv
     await srv.stop()
-    await _async_worker.close_session()
+    await _async_worker.close_connections()
 
 
 def payload(server: BackendCallbackServer, run_id: str, fn: Any, value: int) -> dict[str, Any]:
@@ -55,18 +55,22 @@ async def frames(server: BackendCallbackServer, count: int) -> list[dict[str, An
     return [await asyncio.wait_for(server.recv(), 5) for _ in range(count)]
 
 
-async def test_runs_share_one_session_per_loop(server: BackendCallbackServer) -> None:
+def idle_connections() -> list[Any]:
+    return [stream for idle in (aclient._pool() or {}).values() for stream in idle]
+
+
+async def test_runs_on_one_loop_share_a_connection(server: BackendCallbackServer) -> None:
     await _async_worker.run_payload(payload(server, "a", record, 1))
-    session = _async_worker.session()
+    (first,) = idle_connections()
     await _async_worker.run_payload(payload(server, "b", record, 2))
-    assert _async_worker.session() is session and not session.closed
+    assert idle_connections() == [first] and first.open  # the second run reused it
     got = await frames(server, 4)
     assert [(f["run_id"], f["type"]) for f in got if f["type"] == "task_result"] == [
         ("a", "task_result"),
         ("b", "task_result"),
     ]
-    await _async_worker.close_session()
-    assert session.closed and _async_worker.session() is not session
+    await _async_worker.close_connections()
+    assert not first.open and idle_connections() == []
 
 
 async def test_the_task_exception_propagates_after_it_was_reported(server: BackendCallbackServer) -> None:
