@@ -7,7 +7,6 @@ import asyncio
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -282,19 +281,6 @@ async def test_large_payload_goes_by_reference() -> None:
         await driver.close()
     assert isinstance(seen[0]["args_pickle"], dict) and "ref" in seen[0]["args_pickle"]
     assert isinstance(seen[1]["args_pickle"], str)
-
-
-async def test_round_trip_latency(driver: Driver) -> None:
-    await driver.run(add, a=0, b=0)  # warm both workers' connections
-    await driver.run(add, a=0, b=0)
-    timings = []
-    for i in range(200):
-        began = time.perf_counter()
-        assert (await driver.run(add, a=i, b=1))["result"] == i + 1
-        timings.append(time.perf_counter() - began)
-    median = statistics.median(timings)
-    print(f"process backend round trip: median {median * 1e3:.3f} ms, p90 {sorted(timings)[179] * 1e3:.3f} ms")
-    assert median < 0.05  # generous for loaded CI machines; the target on an idle machine is ~1 ms
 
 
 async def test_stop_is_idempotent_and_kills_workers() -> None:
