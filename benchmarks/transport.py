@@ -89,8 +89,10 @@ for line in sys.stdin:
 ASYNC_WORKER = r"""
 import asyncio, json, sys
 from wove.backend import run_backend_payload_async
+from wove.backend.aclient import keep_connections
 
 async def main():
+    keep_connections()  # a long-lived async worker, as the ARQ/Taskiq/Temporal workers are
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
