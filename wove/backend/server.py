@@ -205,7 +205,8 @@ class BackendCallbackServer:
         """Listen for callbacks. A second call while running does nothing."""
         if self._runner is not None:
             return
-        server = web.Server(self._handle, access_log=None, keepalive_timeout=self.idle_timeout)
+        # Workers never compress; a compressed body (a zip bomb, even before the credential check) is not inflated.
+        server = web.Server(self._handle, access_log=None, keepalive_timeout=self.idle_timeout, auto_decompress=False)
         runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, backlog=self.backlog)

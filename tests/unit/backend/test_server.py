@@ -452,3 +452,16 @@ async def test_a_sink_takes_frames_instead_of_recv_and_its_failure_still_acknowl
     server.deliver_to(None)
     await asyncio.to_thread(post_event, server.callback_url, {"type": "heartbeat", "run_id": "r2"})
     assert (await recv(server))["run_id"] == "r2"
+
+
+async def test_compressed_bodies_are_not_inflated(server: BackendCallbackServer) -> None:
+    """Workers never compress, so a gzip body is taken as the bytes it is: a small zip bomb stays small."""
+    import gzip
+
+    bomb = gzip.compress(b"[" * (64 << 20), 9)  # 64 MiB of brackets in about 64 KiB
+    status, answer = await raw_post(server.callback_url, bomb, headers={"Content-Encoding": "gzip"})
+    assert (status, answer["error"]) == (400, "bad_json")
+    frame = json.dumps({"type": "heartbeat", "run_id": "gz"}).encode()
+    status, answer = await raw_post(server.callback_url, gzip.compress(frame), headers={"Content-Encoding": "gzip"})
+    assert status == 400  # not inflated into the valid frame it holds
+    await no_frame(server)
