@@ -213,6 +213,11 @@ class RunTable:
             self._resolve(run, result=frame.get("result"))
         elif kind == "task_error":
             exc = exception_from_frame(frame)
+            if _lost_by_backend(frame, exc) and run.request.delivery.get("orphan_policy") == "requeue":
+                # The backend saw the worker die (a pool's pipe closed, a job ended without an outcome): the loss a
+                # heartbeat would find later. The engine leaves lost runs to this policy, so it must requeue here.
+                self.orphan(run, exc, may_requeue=True)
+                return
             record.status = "failed"
             record.error = exc
             self._resolve(run, error=exc)
@@ -315,6 +320,12 @@ def orphaned_error(run: PendingRun, why: str) -> OrphanedRunError:
         environment=req.environment,
         run_id=run.run_id,
     )
+
+
+def _lost_by_backend(frame: Frame, exc: BaseException) -> bool:
+    """A ``task_error`` an adapter reported for a worker that died before it could (``BackendAdapter.report_lost``)."""
+    error = frame.get("error")
+    return isinstance(exc, DeliveryLostError) and isinstance(error, dict) and error.get("source") == "backend"
 
 
 def _time(value: Any) -> float:

@@ -327,6 +327,9 @@ class ExecutorRuntime:
                     env.in_flight.release()
         except BaseException as exc:  # the outcome travels to the weave; nobody awaits this task
             error = exc
+            if request.record.status == "pending" and not isinstance(exc, asyncio.CancelledError):
+                request.record.status = "failed"  # the environment never took the run (it could not start)
+                request.record.error = exc
         handle.done = True
         _reply(handle, result, error)
 
