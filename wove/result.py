@@ -8,7 +8,7 @@ names to exceptions. ``w.result.records`` says where and when each attempt ran.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wove.errors import WoveError
@@ -35,6 +35,8 @@ class RunRecord:
     submission: str | None = None
     status: str = "pending"
     error: BaseException | None = None
+    #: Run ids this attempt ran as before, when its worker was lost and ``orphan_policy="requeue"`` resubmitted it.
+    lost_runs: list[str] = field(default_factory=list)
 
     @property
     def queue_wait(self) -> float | None:
@@ -72,6 +74,7 @@ class RunRecord:
             "finished_at": self.finished_at,
             "status": self.status,
             "error": error,
+            "lost_runs": list(self.lost_runs),
         }
 
 

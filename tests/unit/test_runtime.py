@@ -310,6 +310,25 @@ def test_orphan_policy_requeue_submits_again_within_retries() -> None:
     assert outcome == "run on executor 2"
 
 
+def test_a_requeued_run_keeps_one_record_that_names_the_lost_run() -> None:
+    seen: list[str] = []
+
+    async def silent_first(frame: Any, emit: Emit) -> None:
+        seen.append(frame["run_id"])
+        emit({"type": "task_started", "run_id": frame["run_id"], "host": f"host-{len(seen)}", "pid": len(seen)})
+        if len(seen) == 1:
+            return  # no heartbeat, no outcome: presumed lost, then requeued
+        emit({"type": "task_result", "run_id": frame["run_id"], "result": "second run"})
+
+    use(ScriptedExecutor(silent_first), delivery_heartbeat_seconds=0.1, delivery_orphan_policy="requeue")
+    w = one_remote_task(retries=1)
+    (record,) = w.result.records["task"]
+    assert w.result.task == "second run" and record.status == "succeeded"
+    assert record.lost_runs == [seen[0]] and record.run_id == seen[1]
+    assert (record.host, record.pid, record.error) == ("host-2", 2, None)  # nothing left over from the lost run
+    assert record.to_dict()["lost_runs"] == [seen[0]]
+
+
 def test_orphan_policy_requeue_without_retries_fails() -> None:
     _, outcome = run_with_crash("requeue", retries=0)
     assert isinstance(outcome, OrphanedRunError)

@@ -123,6 +123,10 @@ class RunTable:
         run = PendingRun(request, uuid.uuid4().hex, loop.create_future())
         self._runs[run.run_id] = run
         record = request.record
+        if record.run_id is not None:  # a requeue: the record now describes the new run, and lists the lost one
+            record.lost_runs.append(record.run_id)
+            record.started_at = record.finished_at = record.host = record.pid = record.submission = None
+            record.error = None
         record.run_id = run.run_id
         record.submitted_at = time.time()
         record.status = "submitted"
