@@ -96,13 +96,8 @@ class _Stream:
         while True:
             answer = Answer()
             try:
-                while not answer.complete:
-                    data = await self.reader.read(READ_SIZE)
-                    if not data:
-                        if answer.end():
-                            break
-                        raise ConnectionResetError("the callback server closed the connection before answering")
-                    answer.feed(data)
+                while not answer.take(await self.reader.read(READ_SIZE)):
+                    pass
             except OSError:
                 self.open = False
                 raise

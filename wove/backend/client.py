@@ -98,13 +98,8 @@ class _Wire:
         while True:
             answer = Answer()
             try:
-                while not answer.complete:
-                    data = self._recv()
-                    if not data:
-                        if answer.end():
-                            break
-                        raise ConnectionResetError("the callback server closed the connection before answering")
-                    answer.feed(data)
+                while not answer.take(self._recv()):
+                    pass
             except OSError:
                 self.open = False
                 raise

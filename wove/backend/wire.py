@@ -75,6 +75,20 @@ class Answer:
         self.until_close = False
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
 
+    def take(self, data: bytes) -> bool:
+        """Feed one read's bytes (``b""`` once the connection closed); ``True`` once the answer is whole.
+
+        :class:`ConnectionResetError` when the connection closed before the answer was, :class:`BadAnswer` when the
+        bytes are not HTTP/1.x. A caller reads and calls this until it says ``True``, then checks
+        :attr:`keep_alive` (reuse the connection?) and :attr:`status` (below 200: an interim answer, read the next).
+        """
+        if not data:
+            if self.end():
+                return True
+            raise ConnectionResetError("the callback server closed the connection before answering")
+        self.feed(data)
+        return self.complete
+
     def feed(self, data: bytes) -> None:
         """Parse the next bytes of the answer; :class:`BadAnswer` when they are not HTTP/1.x."""
         assert self._parser is not None, "the answer is finished"
