@@ -163,21 +163,8 @@ def start_workflow_options(given: Any) -> dict[str, Any]:
 
     if given is None:
         return {}
-    if not isinstance(given, Mapping):
-        raise ConfigError(f"executor_config['start_workflow_options'] must be a dict, got {given!r}")
-    reserved = sorted(RESERVED_START_OPTIONS.intersection(given))
-    if reserved:
-        raise ConfigError(
-            f"executor_config['start_workflow_options'] may not set {', '.join(reserved)}: wove sets the workflow, its"
-            " id, input and task queue, and retries runs itself (use the task's retries)"
-        )
-    unknown = sorted(set(given) - set(inspect.signature(Client.start_workflow).parameters))
-    if unknown:
-        raise ConfigError(
-            f"executor_config['start_workflow_options'] has options Client.start_workflow does not know: "
-            f"{', '.join(unknown)}"
-        )
-    options = dict(given)
+    why = "wove sets the workflow, its id, input and task queue, and retries runs itself (use the task's retries)"
+    options = _client_options("start_workflow_options", given, RESERVED_START_OPTIONS, Client.start_workflow, why)
     for key in START_DURATIONS:
         if options.get(key) is not None:
             options[key] = timedelta(
@@ -399,25 +386,28 @@ def _retry_policy(value: Any, where: str) -> dict[str, Any]:
     return policy
 
 
+def _client_options(key: str, given: Any, reserved: frozenset[str], method: Any, why: str) -> dict[str, Any]:
+    """``executor_config[key]`` as keyword arguments of a client ``method``: a dict, none of ``reserved``, every
+    name one the method takes."""
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"executor_config[{key!r}] must be a dict, got {given!r}")
+    clashing = sorted(reserved.intersection(given))
+    if clashing:
+        raise ConfigError(f"executor_config[{key!r}] may not set {', '.join(clashing)}: {why}")
+    unknown = sorted(set(given) - set(inspect.signature(method).parameters))
+    if unknown:
+        name = getattr(method, "__qualname__", "the client")
+        raise ConfigError(f"executor_config[{key!r}] has options {name} does not know: {', '.join(unknown)}")
+    return dict(given)
+
+
 def _connect_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """``Client.connect`` keyword arguments besides the address and namespace."""
     from temporalio.client import Client
 
     given = config.get("connect_options") or {}
-    if not isinstance(given, Mapping):
-        raise ConfigError(f"executor_config['connect_options'] must be a dict, got {given!r}")
-    clashing = sorted(RESERVED_CONNECT_OPTIONS.intersection(given))
-    if clashing:
-        raise ConfigError(
-            f"executor_config['connect_options'] may not set {', '.join(clashing)}; use executor_config keys of"
-            " the same name"
-        )
-    unknown = sorted(set(given) - set(inspect.signature(Client.connect).parameters))
-    if unknown:
-        raise ConfigError(
-            f"executor_config['connect_options'] has options Client.connect does not know: {', '.join(unknown)}"
-        )
-    options = dict(given)
+    why = "use executor_config keys of the same name"
+    options = _client_options("connect_options", given, RESERVED_CONNECT_OPTIONS, Client.connect, why)
     if config.get("tls") is not None:
         options["tls"] = config["tls"]
     if config.get("api_key") is not None:
