@@ -162,7 +162,7 @@ async def test_result_with_timing_and_placement(driver: Driver) -> None:
     result = await driver.outcome(run_id)
     assert result["type"] == "task_result" and result["result"] == 5
     kinds = [frame["type"] for frame in driver.frames[run_id]]
-    assert kinds[0] == "task_started" and kinds[-1] == "task_result"
+    assert kinds == ["task_result"]  # a short run on the pool: its start rides on its terminal frame
     assert result["submitted_at"] <= result["started_at"] <= result["finished_at"]
     assert isinstance(result["host"], str) and result["pid"] != os.getpid()
     assert result["pid"] in driver.adapter.worker_pids()

@@ -256,8 +256,8 @@ def run_payload(payload: Mapping[str, Any], trace: RunTrace, *, start: str = STA
     * ``"pipelined"``: the task starts as soon as the frame is sent; the answer is read before the next frame goes
       out, so frames stay in order and a refusal still ends the run, only after the task ran.
     * ``"lazy"``: a run that ends within ``LAZY_START_AFTER`` seconds posts no ``task_started``; its terminal frame
-      carries ``started_at``, ``host`` and ``pid`` instead (``BackendAdapterEnvironmentExecutor`` turns them back
-      into a ``task_started`` frame). A longer run gets its ``task_started`` from a watchdog thread, in order.
+      carries ``started_at``, ``host`` and ``pid`` instead (the run's record takes them from it). A longer run
+      gets its ``task_started`` from a watchdog thread, in order.
       Runs with heartbeats start as ``"pipelined"``.
 
     The last two are for backends that never deliver a payload twice (the ``process`` pool).

@@ -17,6 +17,9 @@ Event frames all carry ``type`` and ``run_id`` (and ``task_id`` when known)::
     task_result    {"result"}
     task_error     {"exception"?, "error": {"kind", "message", "traceback", "retryable", "source"}}
     task_cancelled {}
+
+A terminal frame may come without a ``task_started`` before it (a short run, a failure before the task ran); it
+may then carry ``started_at``, ``host`` and ``pid`` itself.
 """
 
 from __future__ import annotations

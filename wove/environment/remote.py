@@ -330,14 +330,6 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
                 # the outcome until the backend's id for the job is known, so the run's record carries it.
                 submitting.add_done_callback(lambda _: self._accept(frame))
                 return
-            if kind in TERMINAL_EVENTS and run.started_at is None and "started_at" in frame:
-                # A short run on a lazily starting worker carries its start in its terminal frame: give the
-                # runtime the task_started it would have seen (wove.backend.worker.run_payload, start="lazy").
-                started = {"type": "task_started", "run_id": run.run_id, "task_id": frame.get("task_id", run.task_id)}
-                for key in ("started_at", "host", "pid"):
-                    if key in frame:
-                        started[key] = frame[key]
-                self._accept(started)
             frame.setdefault("submitted_at", run.submitted_at)
             if kind == "task_started":
                 run.started_at = _number(frame.get("started_at", frame.get("at")), now)

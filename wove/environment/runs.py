@@ -191,8 +191,11 @@ class RunTable:
             pass
         else:
             record.finished_at = _time(frame.get("finished_at", frame.get("at")))
-            if record.started_at is None:
-                record.started_at = record.finished_at
+            if record.started_at is None:  # no task_started came: a short run may carry its start in this frame
+                record.started_at = _time(frame["started_at"]) if "started_at" in frame else record.finished_at
+                host, pid = frame.get("host"), frame.get("pid")
+                record.host = host if isinstance(host, str) else record.host
+                record.pid = pid if isinstance(pid, int) else record.pid
             self._on_terminal(run, kind, frame)
 
     def _on_started(self, run: PendingRun, frame: Frame) -> None:
