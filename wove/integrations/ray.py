@@ -50,6 +50,8 @@ FORBIDDEN_REMOTE_OPTIONS = {
 #: Seconds ``close`` gives ``ray.shutdown`` (it takes about 1.5 s for a local Ray).
 SHUTDOWN_TIMEOUT = 30.0
 #: ``ray.exceptions`` names meaning the process running the task (or its node) is gone.
+#: Remote functions with their options kept per task name (``.options()`` is not cheap); cleared past this many.
+NAMED_REMOTES = 256
 LOST_WORKER_ERRORS = (
     "WorkerCrashedError",
     "NodeDiedError",
@@ -144,6 +146,7 @@ class RayAdapter(BackendAdapter):
         elif self.address is not None or self.init_options:
             logger.info("environment %r: Ray is already initialized; address and init_options are unused", self.name)
         self._remote = self.ray.remote(run_payload)
+        self._named: dict[str, Any] = {}  # task name -> the remote function with its options
         try:
             self._remote.options(**self.remote_options)  # validates them now rather than at the first submission
         except (TypeError, ValueError) as exc:
@@ -191,7 +194,12 @@ class RayAdapter(BackendAdapter):
         outcomes: list[tuple[Any, str] | BaseException] = []
         for job, payload, name in items:
             try:
-                ref = self._remote.options(**{"name": name, **self.remote_options}).remote(payload)
+                remote = self._named.get(name)
+                if remote is None:  # .options() builds a new remote function: once per task name, not per run
+                    if len(self._named) >= NAMED_REMOTES:
+                        self._named.clear()
+                    remote = self._named[name] = self._remote.options(**{"name": name, **self.remote_options})
+                ref = remote.remote(payload)
                 ref.future().add_done_callback(functools.partial(self._ref_done, job.run_id))
                 outcomes.append((ref, ref.task_id().hex()))
             except Exception as exc:
