@@ -45,7 +45,7 @@ from wove._types import TERMINAL_EVENTS, Frame
 from wove.backend import codec
 from wove.backend.credentials import new_secret, new_token, run_credential, same_secret, verify_run_credential
 from wove.backend.delivery import UPLOAD_HEADER
-from wove.backend.streams import read_into, read_stream
+from wove.backend.streams import read_stream
 from wove.errors import BackendUnavailableError, ConfigError, DispatchError
 
 __all__ = ["BackendCallbackServer"]
@@ -113,14 +113,42 @@ class _StallGuard:
 
 
 class _Upload:
-    """A frame arriving in parts: one buffer of its final size, and which ranges have landed."""
+    """A frame arriving in parts, in order: the parts received so far, never more memory than they hold.
+
+    The announced total is only a bound; an upload that announces a gigabyte and sends a byte costs a byte.
+    """
 
     def __init__(self, total: int) -> None:
-        self.buffer = bytearray(total)
-        self.received: dict[int, int] = {}
+        self.total = total
+        self.parts: list[bytearray] = []
+        self.size = 0
+
+    def place(self, offset: int, length: int) -> bool:
+        """Whether a part at ``offset`` is the next one (``True``) or a resend of the last one (``False``, it
+        replaces it); anything else is refused: the client sends its parts in order, resending only the last."""
+        if offset == self.size:
+            return True
+        if self.parts and offset == self.size - len(self.parts[-1]) and length == len(self.parts[-1]):
+            self.size -= len(self.parts.pop())
+            return True
+        raise _Refusal(400, "bad_upload", f"parts must arrive in order: expected offset {self.size}, got {offset}")
+
+    def add(self, part: bytearray) -> None:
+        self.parts.append(part)
+        self.size += len(part)
 
     def complete(self) -> bool:
-        return sum(self.received.values()) == len(self.buffer)
+        return self.size == self.total
+
+    def assemble(self) -> bytearray:
+        """The whole frame in one buffer; each part is released as soon as it is copied in."""
+        frame = bytearray(self.total)
+        offset = 0
+        while self.parts:
+            part = self.parts.pop(0)
+            frame[offset : offset + len(part)] = part
+            offset += len(part)
+        return frame
 
 
 def _route(raw_path: str) -> tuple[str, str, str, str] | None:
@@ -348,9 +376,9 @@ class BackendCallbackServer:
         uploaded = request.headers.get(UPLOAD_HEADER)
         if uploaded is not None and run is not None:
             upload = self._uploads.pop(run, None)
-            if upload is None or str(len(upload.buffer)) != uploaded or not upload.complete():
+            if upload is None or str(upload.total) != uploaded or not upload.complete():
                 raise _Refusal(400, "upload_incomplete", "not every part of the uploaded frame arrived")
-            body, content_type = upload.buffer, codec.FRAME_CONTENT_TYPE
+            body, content_type = upload.assemble(), codec.FRAME_CONTENT_TYPE
         else:
             with self._reading(request.content):
                 body = await read_stream(request.content, request.content_length, self.max_body_size)
@@ -410,11 +438,12 @@ class BackendCallbackServer:
         if offset < 0 or offset + length > total:
             raise _Refusal(400, "bad_upload", "part lies outside the frame")
         upload = self._uploads.get(run)
-        if upload is None or len(upload.buffer) != total:
+        if upload is None or upload.total != total:
             upload = self._uploads[run] = _Upload(total)
-        with memoryview(upload.buffer) as view, self._reading(request.content):
-            await read_into(request.content, view[offset : offset + length])
-        upload.received[offset] = length
+        upload.place(offset, length)
+        with self._reading(request.content):
+            part = await read_stream(request.content, length, self.max_body_size)
+        upload.add(part)
         return web.Response(body=_ACCEPTED, headers=_JSON)
 
     @contextlib.contextmanager

@@ -465,3 +465,21 @@ async def test_compressed_bodies_are_not_inflated(server: BackendCallbackServer)
     status, answer = await raw_post(server.callback_url, gzip.compress(frame), headers={"Content-Encoding": "gzip"})
     assert status == 400  # not inflated into the valid frame it holds
     await no_frame(server)
+
+
+async def test_an_upload_holds_only_the_bytes_it_sent_and_takes_parts_in_order(server: BackendCallbackServer) -> None:
+    """Announcing a 1 GiB frame and sending ten bytes costs ten bytes; parts arrive in order, and the last one may be
+    sent again (a retry after a lost answer) without being counted twice."""
+    url = server.open_run("up")
+    total = server.max_frame_size
+    octets = "application/octet-stream"
+    status, _ = await raw_post(f"{url}/upload?offset=0&total={total}", b"x" * 10, content_type=octets)
+    assert status == 200
+    upload = server._uploads["up"]
+    assert upload.size == 10 and [len(part) for part in upload.parts] == [10]
+    status, answer = await raw_post(f"{url}/upload?offset=20&total={total}", b"y" * 5, content_type=octets)
+    assert (status, answer["error"]) == (400, "bad_upload")
+    status, _ = await raw_post(f"{url}/upload?offset=0&total={total}", b"z" * 10, content_type=octets)
+    assert status == 200 and upload.size == 10 and bytes(upload.parts[0]) == b"z" * 10
+    status, _ = await raw_post(f"{url}/upload?offset=10&total={total}", b"w" * 6, content_type=octets)
+    assert status == 200 and upload.size == 16
