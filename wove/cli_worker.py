@@ -20,14 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wove.errors import BackendUnavailableError, ConfigError
-from wove.integrations.base import check_modules
+from wove.integrations.base import DISPATCH_MODULES, check_modules
 
 __all__ = ["BACKENDS", "WorkerCommand", "add_parser", "build_command", "run"]
 
 #: Exit status when the backend's package is missing (argparse's usage errors exit 2).
 EXIT_MISSING = 1
-#: Modules every worker needs besides the backend's own: unpickling tasks and posting events back.
-DISPATCH_MODULES = ("cloudpickle", "aiohttp")
 #: The task names the shipped worker modules register (an environment naming another needs its own worker).
 TASK_NAMES = {"celery": "wove.run_payload", "taskiq": "wove.run", "arq": "wove.run"}
 

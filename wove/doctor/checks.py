@@ -32,12 +32,10 @@ from wove.doctor.report import EnvironmentReport
 from wove.environment.base import EnvironmentExecutor
 from wove.errors import BackendUnavailableError, ConfigError
 from wove.integrations import BUILTIN_ADAPTERS, adapter_names, get_adapter_class
-from wove.integrations.base import BackendAdapter, check_modules
+from wove.integrations.base import DISPATCH_HINT, DISPATCH_MODULES, BackendAdapter, check_modules
 
 __all__ = ["check_environment"]
 
-_DISPATCH_MODULES = ("aiohttp", "cloudpickle")
-_DISPATCH_HINT = "pip install 'wove[dispatch]'"
 #: Frames only a worker sends, through the callback URL.
 _WORKER_EVENTS = frozenset({"task_started", "heartbeat", "task_result"})
 
@@ -80,7 +78,7 @@ def _ping_config(backend: str, config: Mapping[str, Any], timeout: float) -> dic
 
 
 def _installed(report: EnvironmentReport, name: str) -> type[BackendAdapter] | None:
-    hint = f"pip install 'wove[{name}]'" if name in BUILTIN_ADAPTERS and name != "process" else _DISPATCH_HINT
+    hint = f"pip install 'wove[{name}]'" if name in BUILTIN_ADAPTERS and name != "process" else DISPATCH_HINT
     try:
         adapter_class = get_adapter_class(name)
     except ConfigError:
@@ -96,9 +94,9 @@ def _installed(report: EnvironmentReport, name: str) -> type[BackendAdapter] | N
     except ImportError as exc:
         report.add("installed", False, f"the {name!r} adapter cannot be imported: {exc}", f"run: {hint}")
         return None
-    modules = (*_DISPATCH_MODULES, *adapter_class.required_modules)
+    modules = (*DISPATCH_MODULES, *adapter_class.required_modules)
     try:
-        check_modules(_DISPATCH_MODULES, _DISPATCH_HINT, what="dispatching to a backend")
+        check_modules(DISPATCH_MODULES, DISPATCH_HINT, what="dispatching to a backend")
         adapter_class.check_available()
     except BackendUnavailableError as exc:
         report.add("installed", False, str(exc), f"run: {adapter_class.install_hint}")

@@ -27,7 +27,7 @@ from wove._types import TERMINAL_EVENTS, Frame
 from wove.environment.base import EnvironmentExecutor
 from wove.errors import BackendUnavailableError, ConfigError, PayloadError, SubmitError, WoveError
 from wove.integrations import get_adapter_class
-from wove.integrations.base import BackendAdapter, check_modules
+from wove.integrations.base import DISPATCH_HINT, DISPATCH_MODULES, BackendAdapter, check_modules
 
 if TYPE_CHECKING:
     from wove.backend import BackendCallbackServer
@@ -36,9 +36,6 @@ __all__ = ["BackendAdapterEnvironmentExecutor"]
 
 logger = logging.getLogger("wove.environment.remote")
 
-#: Modules the ``dispatch`` extra provides; needed in this process to serve callbacks and pickle tasks.
-DISPATCH_MODULES = ("aiohttp", "cloudpickle")
-DISPATCH_HINT = "pip install 'wove[dispatch]'"
 #: Seconds an adapter-reported failure (a dead worker) waits, so an outcome the worker posted just before
 #: dying reaches the runtime first and wins.
 LOST_GRACE = 0.05

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 from wove._types import Frame
 from wove.errors import BackendUnavailableError, DeliveryLostError, SubmitError, WoveError
 
-__all__ = ["BackendAdapter", "EventSink", "check_modules"]
+__all__ = ["DISPATCH_HINT", "DISPATCH_MODULES", "BackendAdapter", "EventSink", "check_modules"]
 
 logger = logging.getLogger("wove.integrations")
 
@@ -40,6 +40,12 @@ T = TypeVar("T")
 
 #: Receives event frames an adapter produces itself (a worker it owns died, a job it knows was lost).
 EventSink = Callable[[Frame], None]
+
+
+#: What the ``dispatch`` extra installs: the callback server (aiohttp), pickling tasks by value (cloudpickle) and
+#: the workers' HTTP client (httptools). Needed wherever payloads are built, served or run.
+DISPATCH_MODULES = ("aiohttp", "cloudpickle", "httptools")
+DISPATCH_HINT = "pip install 'wove[dispatch]'"
 
 
 def check_modules(modules: tuple[str, ...], install_hint: str, *, what: str) -> None:
