@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import wove
-from tests.integration.queue_support import ROOT, Driver, await_for, gone, read_pid
+from tests.integration.queue_support import ROOT, Driver, await_for, gone, read_pid, wait_for
 from tests.services.aws_batch import REGION, BatchSetup
 from tests.services.base import free_port
 from wove import weave
@@ -87,8 +87,14 @@ def test_local_remote_and_mapped_tasks_run_as_jobs(aws_batch: BatchSetup) -> Non
     records = w.result.records["squared"]
     assert [str(r.submission) for r in records] == [job_id for _, _, job_id in w.result.squared]
     batch = aws_batch.emulator.client()
-    jobs = batch.describe_jobs(jobs=[str(r.submission) for r in records])["jobs"]
-    assert {job["status"] for job in jobs} == {"SUCCEEDED"}
+
+    def describe() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = batch.describe_jobs(jobs=[str(r.submission) for r in records])["jobs"]
+        return found
+
+    # The value arrives by callback before the job's process exits, so a job may still be RUNNING for a moment.
+    wait_for(lambda: {job["status"] for job in describe()} == {"SUCCEEDED"}, 30, "every job to end SUCCEEDED")
+    jobs = describe()
     for record in records:
         (job,) = [job for job in jobs if job["jobId"] == str(record.submission)]
         assert job["jobName"] == f"wove-squared-{record.run_id}"
