@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from wove._types import TERMINAL_EVENTS, Frame
+from tests.integration import queue_support
+from wove._types import Frame
 from wove.environment.remote import BackendAdapterEnvironmentExecutor
 from wove.errors import BackendUnavailableError, ConfigError, DeliveryLostError, SubmitError
 from wove.integrations.process import ProcessAdapter
@@ -62,49 +62,13 @@ def size_of(blob: bytes) -> int:
     return len(blob)
 
 
-class Driver:
-    """Sends run_task frames and collects event frames per run, as the runtime's receiver does."""
-
-    def __init__(self, executor: BackendAdapterEnvironmentExecutor) -> None:
-        self.executor = executor
-        self.frames: dict[str, list[Frame]] = {}
-        self._done: dict[str, asyncio.Event] = {}
-        self._receiver = asyncio.get_running_loop().create_task(self._receive())
+class Driver(queue_support.Driver):
+    """The shared executor driver, plus what the process pool's tests look at."""
 
     @property
     def adapter(self) -> ProcessAdapter:
         assert isinstance(self.executor.adapter, ProcessAdapter)
         return self.executor.adapter
-
-    async def _receive(self) -> None:
-        while True:
-            frame = await self.executor.recv()
-            run_id = frame["run_id"]
-            self.frames.setdefault(run_id, []).append(frame)
-            if frame["type"] in TERMINAL_EVENTS:
-                self._event(run_id).set()
-
-    def _event(self, run_id: str) -> asyncio.Event:
-        return self._done.setdefault(run_id, asyncio.Event())
-
-    async def submit(self, func: Any, *, delivery: dict[str, Any] | None = None, **args: Any) -> str:
-        run_id = uuid.uuid4().hex
-        self._event(run_id)
-        frame = {
-            "type": "run_task",
-            "run_id": run_id,
-            "task_id": f"task-{run_id[:6]}",
-            "task_name": getattr(func, "__name__", "task"),
-            "callable": func,
-            "args": args,
-            "delivery": delivery or {},
-        }
-        await self.executor.send(frame)
-        return run_id
-
-    async def outcome(self, run_id: str, timeout: float = 15.0) -> Frame:
-        await asyncio.wait_for(self._event(run_id).wait(), timeout)
-        return self.frames[run_id][-1]
 
     async def started(self, run_id: str, timeout: float = 15.0) -> Frame:
         async def wait() -> Frame:
@@ -122,10 +86,6 @@ class Driver:
     async def _receiver_stop(self) -> None:
         self._receiver.cancel()
         await asyncio.gather(self._receiver, return_exceptions=True)
-
-    async def close(self) -> None:
-        await self._receiver_stop()
-        await self.executor.stop()
 
 
 async def start_driver(
