@@ -55,17 +55,22 @@ class ScriptedExecutor(EnvironmentExecutor):
         self.emit(None)
 
     async def send(self, frame: Frame) -> None:
-        self.commands.append(frame)
         if frame["type"] == "run_task":
-            if self.fail_send:
-                raise ConnectionRefusedError("broker down")
-            self.running[frame["run_id"]] = asyncio.get_running_loop().create_task(self.script(frame, self.emit))
-        elif frame["type"] == "cancel_task":
+            self._take_run(frame)
+            return
+        self.commands.append(frame)
+        if frame["type"] == "cancel_task":
             task = self.running.get(frame["run_id"])
             if task is not None:
                 task.cancel()
             if self.ack_cancel:
                 self.emit({"type": "task_cancelled", "run_id": frame["run_id"]})
+
+    def _take_run(self, frame: Frame) -> None:
+        self.commands.append(frame)
+        if self.fail_send:
+            raise ConnectionRefusedError("broker down")
+        self.running[frame["run_id"]] = asyncio.get_running_loop().create_task(self.script(frame, self.emit))
 
     def forget(self, run_id: str) -> None:
         self.forgotten.append(run_id)
@@ -85,3 +90,16 @@ class ScriptedExecutor(EnvironmentExecutor):
 
     def sent(self, kind: str) -> list[Frame]:
         return [c for c in self.commands if c["type"] == kind]
+
+
+class NowaitScriptedExecutor(ScriptedExecutor):
+    """The same, also taking runs through ``send_nowait``, as wove's backend executor does: once the environment
+    is started, the runtime submits through it without a task per run."""
+
+    def __init__(self, script: Script = answer, **options: Any) -> None:
+        super().__init__(script, **options)
+        self.nowait_runs = 0
+
+    def send_nowait(self, frame: Frame) -> None:
+        self.nowait_runs += 1
+        self._take_run(frame)

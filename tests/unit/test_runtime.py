@@ -24,7 +24,7 @@ from wove import (
 )
 from wove.environment import get_runtime
 
-from .scripted_executor import Emit, ScriptedExecutor
+from .scripted_executor import Emit, NowaitScriptedExecutor, ScriptedExecutor
 
 
 def use(executor: Any, **settings: Any) -> None:
@@ -434,3 +434,138 @@ def test_the_submission_id_is_recorded_from_any_frame() -> None:
     use(ScriptedExecutor(no_start_frame))
     w = one_remote_task()
     assert w.result.records["task"][0].submission == "job-7"
+
+
+# -- runs on a started environment whose executor takes them synchronously (no task per run) ---------------------
+
+
+def started(executor: NowaitScriptedExecutor, **settings: Any) -> NowaitScriptedExecutor:
+    """Use ``executor`` and start its environment with one run, so the runs that follow take ``send_nowait``."""
+    use(executor, **settings)
+    one_remote_task()
+    executor.commands.clear()
+    executor.nowait_runs = 0
+    return executor
+
+
+async def answer_or_fail(frame: Any, emit: Emit) -> None:
+    """Return the callable's result, or report the exception it raised (as a worker would)."""
+    try:
+        result = frame["callable"](**frame["args"])
+    except Exception as exc:
+        emit({"type": "task_error", "run_id": frame["run_id"], "exception": exc, "error": {"kind": "KeyError"}})
+    else:
+        emit({"type": "task_result", "run_id": frame["run_id"], "result": result})
+
+
+def test_runs_on_a_started_environment_go_through_send_nowait() -> None:
+    executor = started(NowaitScriptedExecutor(answer_or_fail))
+    with weave() as w:
+
+        @w.do(range(20), environment="remote")
+        def each(item: int) -> int:
+            return item * 2
+
+    assert w.result.each == [i * 2 for i in range(20)]
+    assert executor.nowait_runs == 20 and len(executor.sent("run_task")) == 20
+    assert {r.status for r in w.result.records["each"]} == {"succeeded"}
+
+
+def test_a_failing_run_taken_by_send_nowait_raises_the_original_exception() -> None:
+    executor = started(NowaitScriptedExecutor(answer_or_fail))
+    with pytest.raises(KeyError, match="seven"), weave() as w:
+
+        @w.do(range(20), environment="remote")
+        def each(item: int) -> int:
+            if item == 7:
+                raise KeyError("seven")
+            return item
+
+    assert executor.nowait_runs == 20
+    assert len(get_runtime()._runs) == 0  # nothing left pending
+    records = {r.item: r for r in w.result.records["each"]}
+    assert records[7].status == "failed" and isinstance(records[7].error, KeyError)
+
+
+@pytest.mark.parametrize("mode", ["best_effort", "require_ack"])
+async def test_cancelling_runs_taken_by_send_nowait_sends_one_cancel_each(mode: str) -> None:
+    async def forever(frame: Any, emit: Emit) -> None:
+        if frame["task_name"] == "task":
+            await answer_now(frame, emit)
+            return
+        emit({"type": "task_started", "run_id": frame["run_id"]})
+        await asyncio.sleep(60)
+
+    executor = NowaitScriptedExecutor(forever)
+    await asyncio.to_thread(started, executor, delivery_cancel_mode=mode)
+
+    async def run() -> None:
+        async with weave() as w:
+
+            @w.do(range(5), environment="remote")
+            def each(item: int) -> int:
+                return item
+
+    task = asyncio.ensure_future(run())
+    while len(executor.sent("run_task")) < 5:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert executor.nowait_runs == 5
+    cancels = [c["run_id"] for c in executor.sent("cancel_task")]
+    assert sorted(cancels) == sorted(c["run_id"] for c in executor.sent("run_task"))  # each once
+    assert len(get_runtime()._runs) == 0
+
+
+async def answer_now(frame: Any, emit: Emit) -> None:
+    emit({"type": "task_result", "run_id": frame["run_id"], "result": frame["callable"](**frame["args"])})
+
+
+def test_a_run_taken_by_send_nowait_is_requeued_when_lost() -> None:
+    seen: list[str] = []
+
+    async def silent_second(frame: Any, emit: Emit) -> None:
+        seen.append(frame["run_id"])
+        emit({"type": "task_started", "run_id": frame["run_id"]})
+        if len(seen) == 2:
+            return  # the first run after the warm-up goes silent: presumed lost, then requeued
+        emit({"type": "task_result", "run_id": frame["run_id"], "result": f"run {len(seen)}"})
+
+    executor = started(
+        NowaitScriptedExecutor(silent_second), delivery_heartbeat_seconds=0.1, delivery_orphan_policy="requeue"
+    )
+    w = one_remote_task(retries=1)
+    (record,) = w.result.records["task"]
+    assert w.result.task == "run 3" and record.lost_runs == [seen[1]] and record.run_id == seen[2]
+    assert executor.nowait_runs == 1 and len(executor.sent("run_task")) == 2  # the requeue took the task path
+
+
+def test_a_refused_send_nowait_is_a_submit_error_and_retries_apply() -> None:
+    executor = started(NowaitScriptedExecutor())
+    executor.fail_send = True
+    with pytest.raises(SubmitError, match="'remote'.*ConnectionRefusedError: broker down"):
+        one_remote_task(retries=2)
+    assert len(executor.sent("run_task")) == 3 and executor.nowait_runs >= 1
+    assert len(get_runtime()._runs) == 0
+
+
+def test_max_in_flight_holds_with_send_nowait() -> None:
+    live = {"now": 0, "peak": 0}
+
+    async def counted(frame: Any, emit: Emit) -> None:
+        live["now"] += 1
+        live["peak"] = max(live["peak"], live["now"])
+        await asyncio.sleep(0.01)
+        live["now"] -= 1
+        emit({"type": "task_result", "run_id": frame["run_id"], "result": frame["args"].get("item", "done")})
+
+    executor = started(NowaitScriptedExecutor(counted), delivery_max_in_flight=3)
+    with weave() as w:
+
+        @w.do(range(30), environment="remote")
+        def each(item: int) -> int:
+            return item
+
+    assert w.result.each == list(range(30)) and live["peak"] == 3
+    assert 3 <= executor.nowait_runs <= 30  # the first three take it; the rest wait for a slot on the task path

@@ -49,6 +49,14 @@ class EnvironmentExecutor(abc.ABC):
     async def send(self, frame: Frame) -> None:
         """Accept one command frame. Must not wait for the task to finish."""
 
+    def send_nowait(self, frame: Frame) -> None:
+        """Optional: accept a ``run_task`` frame without awaiting anything, as ``send`` would.
+
+        An executor that can take a run synchronously overrides this; the runtime then submits runs to it without
+        an asyncio task per run (it checks for the override once, at start). The default is not to offer it.
+        """
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def recv(self) -> Frame:
         """Return the next event frame, waiting until one exists."""

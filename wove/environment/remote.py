@@ -149,7 +149,7 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
     async def send(self, frame: Frame) -> None:
         kind = frame.get("type")
         if kind == "run_task":
-            self._run_task(frame)
+            self.send_nowait(frame)
         elif kind == "cancel_task":
             await self._cancel_task(frame)
         elif kind == "shutdown":
@@ -157,7 +157,9 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         else:
             raise ConfigError(f"environment {self.name!r}: unknown command frame type {kind!r}")
 
-    def _run_task(self, frame: Frame) -> None:
+    def send_nowait(self, frame: Frame) -> None:
+        """Take a ``run_task`` frame: build its payload and hand it to the adapter (``submit_nowait`` when it offers
+        it, else ``submit`` in a task). A submission that fails ends the run with a ``task_error``."""
         if self.adapter is None or self.server is None or self._stopped:
             raise SubmitError(f"environment {self.name!r} is not running", environment=self.name)
         run_id = str(frame["run_id"])

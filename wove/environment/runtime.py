@@ -72,6 +72,13 @@ class _InFlight:
                     self._waiters.remove((limit, waiter))
         self.count += 1
 
+    def try_acquire(self, limit: int | None) -> bool:
+        """Take a slot without waiting when one is free and nobody queues for one."""
+        if self._waiters or (limit is not None and self.count >= limit):
+            return False
+        self.count += 1
+        return True
+
     def release(self) -> None:
         self.count -= 1
         for limit, waiter in self._waiters:
@@ -89,6 +96,8 @@ class _Environment:
     starting: asyncio.Task[None] | None = None
     receiver: asyncio.Task[None] | None = None
     stopped: bool = False
+    #: The executor overrides ``send_nowait``: runs go to it without a task each (see ``ExecutorRuntime._submit_now``).
+    sends_nowait: bool = False
 
     @property
     def ready(self) -> bool:
@@ -102,17 +111,20 @@ class _Environment:
 class RunHandle:
     """One submitted run, shared by the weave's thread and the runtime's.
 
-    ``future`` lives in the weave's loop and gets the outcome. ``task`` (runtime side) runs the dispatch.
+    ``future`` lives in the weave's loop and gets the outcome. On the runtime side either ``task`` runs the
+    dispatch, or (the common case) ``run`` is pending with a callback that ends the handle, and no task exists.
     ``finished`` is created by the weave when it cancels, and is set once the runtime is done with the run.
     """
 
-    __slots__ = ("done", "finished", "future", "loop", "request", "task")
+    __slots__ = ("done", "env", "finished", "future", "loop", "request", "run", "task")
 
     def __init__(self, request: RunRequest, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
         self.request = request
         self.loop = loop
         self.future = future
         self.task: asyncio.Task[None] | None = None
+        self.run: PendingRun | None = None
+        self.env: _Environment | None = None
         self.finished: asyncio.Future[None] | None = None
         self.done = False
 
@@ -194,13 +206,18 @@ class ExecutorRuntime:
             self._inbox.clear()
         loop = asyncio.get_running_loop()
         for handle in handles:
-            handle.task = loop.create_task(self._dispatch(handle))
+            if not self._submit_now(handle):
+                handle.task = loop.create_task(self._dispatch(handle))
 
     def _cancel_handle(self, handle: RunHandle) -> None:
-        if handle.done or handle.task is None:
-            _reply(handle, None, asyncio.CancelledError())
-        else:
+        if handle.task is not None and not handle.done:
             handle.task.cancel()
+        elif handle.run is not None and handle.env is not None and not handle.done:
+            run, env = handle.run, handle.env
+            handle.run = None  # the callback on the run's future now leaves the ending to this task
+            handle.task = asyncio.get_running_loop().create_task(self._cancel_submitted(handle, env, run))
+        else:
+            _reply(handle, None, asyncio.CancelledError())
 
     def call(self, coro: Any, timeout: float | None = None) -> Any:
         """Run a coroutine on the runtime loop from another thread and wait for it."""
@@ -241,6 +258,7 @@ class ExecutorRuntime:
                 f"environment {env.name!r} failed to start: {type(exc).__name__}: {exc}", environment=env.name
             ) from exc
         env.executor.deliver_to(functools.partial(self._on_frame, env.name))
+        env.sends_nowait = type(env.executor).send_nowait is not EnvironmentExecutor.send_nowait
         env.receiver = asyncio.get_running_loop().create_task(self._receive(env))
         logger.debug("environment %r started", env.name)
 
@@ -310,6 +328,52 @@ class ExecutorRuntime:
         task.add_done_callback(_log_failure)
         return task
 
+    def _submit_now(self, handle: RunHandle) -> bool:
+        """Submit without a task when the environment is started, has room and takes runs synchronously (most runs).
+
+        The run's future then ends the handle from a callback: no task, no shield, one loop callback per outcome.
+        Returns ``False`` to leave the run to :meth:`_dispatch` (environment starting, in-flight limit reached).
+        """
+        request = handle.request
+        env = self._environments.get(request.environment)
+        if env is None or not env.sends_nowait or not env.ready:
+            return False
+        if not env.in_flight.try_acquire(request.delivery.get("max_in_flight")):
+            return False
+        run = self._runs.open(request)
+        try:
+            env.executor.send_nowait(run.frame())
+        except Exception as exc:
+            env.in_flight.release()
+            self._end(handle, None, self._refused(env, run, exc))
+            return True
+        handle.run, handle.env = run, env
+        run.future.add_done_callback(functools.partial(self._submitted_ended, handle, env))
+        return True
+
+    def _submitted_ended(self, handle: RunHandle, env: _Environment, future: asyncio.Future[Any]) -> None:
+        """The outcome of a run submitted by :meth:`_submit_now` (unless a cancellation took the handle over)."""
+        if handle.run is None:
+            return  # _cancel_submitted owns the ending
+        handle.run = None
+        env.in_flight.release()
+        if future.cancelled():
+            self._end(handle, None, asyncio.CancelledError())
+            return
+        error = future.exception()
+        if isinstance(error, Requeue):  # lost, and the policy says submit again: the task path does that
+            handle.task = asyncio.get_running_loop().create_task(self._dispatch(handle))
+            return
+        self._end(handle, None if error is not None else future.result(), error)
+
+    async def _cancel_submitted(self, handle: RunHandle, env: _Environment, run: PendingRun) -> None:
+        try:
+            if not run.future.done():
+                await self._cancel(run)
+        finally:
+            env.in_flight.release()
+            self._end(handle, None, asyncio.CancelledError())
+
     async def _dispatch(self, handle: RunHandle) -> None:
         request = handle.request
         result: Any = None
@@ -327,26 +391,38 @@ class ExecutorRuntime:
                     env.in_flight.release()
         except BaseException as exc:  # the outcome travels to the weave; nobody awaits this task
             error = exc
-            if request.record.status == "pending" and not isinstance(exc, asyncio.CancelledError):
-                request.record.status = "failed"  # the environment never took the run (it could not start)
-                request.record.error = exc
+        self._end(handle, result, error)
+
+    @staticmethod
+    def _end(handle: RunHandle, result: Any, error: BaseException | None) -> None:
+        request = handle.request
+        if error is not None and request.record.status == "pending" and not isinstance(error, asyncio.CancelledError):
+            request.record.status = "failed"  # the environment never took the run (it could not start)
+            request.record.error = error
         handle.done = True
         _reply(handle, result, error)
+
+    def _refused(self, env: _Environment, run: PendingRun, exc: Exception) -> SubmitError:
+        """The executor did not take the run: close it and say so."""
+        request = run.request
+        self._runs.close(run)
+        request.record.status = "failed"
+        if isinstance(exc, SubmitError):
+            return exc
+        error = SubmitError(
+            f"environment {env.name!r} did not accept task {request.task_name!r}: {type(exc).__name__}: {exc}",
+            environment=env.name,
+            run_id=run.run_id,
+        )
+        error.__cause__ = exc
+        return error
 
     async def _run_once(self, env: _Environment, request: RunRequest) -> Any:
         run = self._runs.open(request)
         try:
             await env.executor.send(run.frame())
         except Exception as exc:
-            self._runs.close(run)
-            request.record.status = "failed"
-            if isinstance(exc, SubmitError):
-                raise
-            raise SubmitError(
-                f"environment {env.name!r} did not accept task {request.task_name!r}: {type(exc).__name__}: {exc}",
-                environment=env.name,
-                run_id=run.run_id,
-            ) from exc
+            raise self._refused(env, run, exc)  # noqa: B904 - _refused keeps exc as the cause when it wraps it
         try:
             return await asyncio.shield(run.future)
         except asyncio.CancelledError:
