@@ -8,14 +8,18 @@ Sections (each prints a table):
               sync entrypoint and the async one.
 * cold        ``python -m wove.backend_worker B64`` spawned per run until ``task_result`` at ``recv()``; beside it
               the bare interpreter start, and the same worker with ``wove/__init__`` bypassed (the transport's own
-              share, while the package's ``__init__`` imports the whole engine).
+              share; the package's ``__init__`` adds ``wove.config`` and ``wove.weave``).
 * scaling     1 KiB .. 100 MiB argument echoed back as the result (by reference above the inline limit): round-trip
               time and peak RSS growth on each side, each size in fresh processes.
 
 Targets: ingest >= 12,000 frames/s with 16 posters and none lost; round trip median <= 1 ms; cold CLI <= 60 ms;
 100 MiB round trip <= 1.5 s with peak memory <= 2x the data on each side.
 
-Run: python benchmarks/transport.py [--only ingest,roundtrip,cold,scaling] [--quick]
+Run: python benchmarks/transport.py [--only ingest,roundtrip,cold,scaling] [--quick] [--python PATH]
+
+``--python`` runs the worker processes under another interpreter, e.g. a fresh virtualenv with ``wove[dispatch]``
+installed the ordinary way (an editable install's import hook slows every start); ``wove`` still comes from this
+checkout, ahead on ``PYTHONPATH``. The scaling section's workers also need ``psutil`` there.
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ print(json.dumps({"peak": peak - before}), flush=True)
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # An installed package starts from compiled bytecode: without it, each start would compile what changed.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
@@ -146,9 +152,9 @@ def _frame(run_id: str, fn: Any = dict, **args: Any) -> dict[str, Any]:
     }
 
 
-async def _spawn(*args: str) -> asyncio.subprocess.Process:
+async def _spawn(python: str, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable,
+        python,
         *args,
         env=_env(),
         cwd=str(ROOT),
@@ -193,7 +199,7 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
 # -- ingest -----------------------------------------------------------------------------------------------------------
 
 
-async def ingest(quick: bool) -> None:
+async def ingest(quick: bool, python: str) -> None:
     total = 20_000 if quick else 60_000
     rows = []
     cases = [("post_event", POSTER, n) for n in (1, 4, 16)] + [("raw socket", RAW_POSTER, n) for n in (4, 16)]
@@ -203,7 +209,7 @@ async def ingest(quick: bool) -> None:
             procs = []
             for n in range(posters):
                 url = server.open_run(f"poster-{n}")
-                procs.append(await _spawn("-c", script, url, f"poster-{n}", str(each)))
+                procs.append(await _spawn(python, "-c", script, url, f"poster-{n}", str(each)))
             for proc in procs:
                 await _ready(proc)
             for _ in procs:
@@ -251,7 +257,7 @@ async def ingest(quick: bool) -> None:
 # -- long-lived worker round trip -------------------------------------------------------------------------------------
 
 
-async def roundtrip(quick: bool) -> None:
+async def roundtrip(quick: bool, python: str) -> None:
     runs = 500 if quick else 2000
     rows = []
     for label, args in (
@@ -259,7 +265,7 @@ async def roundtrip(quick: bool) -> None:
         ("async run_backend_payload_async", ["-c", ASYNC_WORKER]),
     ):
         async with BackendCallbackServer() as server:
-            proc = await _spawn(*args)
+            proc = await _spawn(python, *args)
             await _ready(proc)
             assert proc.stdin is not None
             samples = []
@@ -286,7 +292,7 @@ async def roundtrip(quick: bool) -> None:
 # -- cold CLI worker --------------------------------------------------------------------------------------------------
 
 
-async def cold(quick: bool) -> None:
+async def cold(quick: bool, python: str) -> None:
     runs = 10 if quick else 30
     rows = []
     async with BackendCallbackServer() as server:
@@ -300,7 +306,7 @@ async def cold(quick: bool) -> None:
                 started = time.perf_counter()
                 text = payload_to_b64(build_backend_payload_for_run(_frame(run_id, n=n), server=server, adapter="b"))
                 before = _children_cpu()
-                proc = await asyncio.create_subprocess_exec(sys.executable, *prefix, text, env=_env(), cwd=str(ROOT))
+                proc = await asyncio.create_subprocess_exec(python, *prefix, text, env=_env(), cwd=str(ROOT))
                 await _until_result(server, run_id)
                 if n >= 2:
                     samples.append(time.perf_counter() - started)
@@ -311,7 +317,7 @@ async def cold(quick: bool) -> None:
     bare, bare_cpu = [], []
     for _ in range(runs):
         started, before = time.perf_counter(), _children_cpu()
-        subprocess.run([sys.executable, "-c", "pass"], check=True, env=_env())  # noqa: ASYNC221 (timing it)
+        subprocess.run([python, "-c", "pass"], check=True, env=_env())  # noqa: ASYNC221 (timing it)
         bare.append(time.perf_counter() - started)
         bare_cpu.append(_children_cpu() - before)
     rows.append(["python -c pass (reference)", *_cold_columns(bare, bare_cpu)])
@@ -333,10 +339,10 @@ def _cold_columns(samples: list[float], cpu: list[float]) -> list[str]:
 # -- payload scaling --------------------------------------------------------------------------------------------------
 
 
-async def _scaling_one(size: int) -> dict[str, float]:
+async def _scaling_one(size: int, python: str) -> dict[str, float]:
     """One size in this (fresh) process: time and peak RSS growth on both sides."""
     async with BackendCallbackServer() as server:
-        proc = await _spawn("-c", SCALING_WORKER)
+        proc = await _spawn(python, "-c", SCALING_WORKER)
         await _ready(proc)
         assert proc.stdin is not None and proc.stdout is not None
         # warm-up run: first connection, lazily imported modules, thread pools
@@ -362,12 +368,15 @@ async def _scaling_one(size: int) -> dict[str, float]:
     return {"seconds": elapsed, "submit_peak": submit_peak, "worker_peak": worker["peak"]}
 
 
-async def scaling(quick: bool) -> None:
+async def scaling(quick: bool, python: str) -> None:
     sizes = [KIB, 64 * KIB, MIB, 10 * MIB, 100 * MIB]
     rows = []
     for size in sizes:
         out = subprocess.run(  # noqa: ASYNC221 (nothing else runs meanwhile)
-            [sys.executable, __file__, "--scaling-one", str(size)], check=True, env=_env(), capture_output=True
+            [sys.executable, __file__, "--scaling-one", str(size), "--python", python],
+            check=True,
+            env=_env(),
+            capture_output=True,
         )
         result = json.loads(out.stdout)
         ratio = size >= 10 * MIB  # below that, the processes' own baseline swamps the data
@@ -390,15 +399,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="ingest,roundtrip,cold,scaling")
     parser.add_argument("--quick", action="store_true", help="fewer frames and runs")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the worker processes")
     parser.add_argument("--scaling-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scaling_one:
-        print(json.dumps(asyncio.run(_scaling_one(args.scaling_one))))
+        print(json.dumps(asyncio.run(_scaling_one(args.scaling_one, args.python))))
         return
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workers run by {args.python}")
     sections = {"ingest": ingest, "roundtrip": roundtrip, "cold": cold, "scaling": scaling}
     for name in args.only.split(","):
-        asyncio.run(sections[name](args.quick))
+        asyncio.run(sections[name](args.quick, args.python))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ The module imports only what a run needs, so a cold worker starts fast; set WOVE
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -36,8 +37,26 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the payload named by ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+def _freeze_startup() -> None:
+    """Leave what start-up built out of garbage collection, and collect again from here on (``main`` paused it).
+
+    Start-up (imports, mostly) makes next to no garbage, and its objects live until exit anyway: collecting while
+    importing, and scanning them all again in the full collections of interpreter teardown, costs a cold worker
+    several ms of CPU. What the run creates is collected as usual, finalizers included; atexit handlers, thread
+    joins and the flushing of open files are untouched.
+    """
+    gc.freeze()
+    gc.enable()
+
+
+def main(argv: list[str] | None = None, *, one_shot: bool = False) -> int:
+    """Run the payload named by ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    ``one_shot`` says the process ends with this run (``python -m wove.backend_worker``): start-up then runs without
+    garbage collection, and what it built stays out of it (see :func:`_freeze_startup`).
+    """
+    if one_shot:
+        gc.disable()
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(__doc__)
@@ -67,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wove.backend.worker import RunTrace, run_payload
 
+    if one_shot:
+        _freeze_startup()
     trace = RunTrace()
     try:
         run_payload(payload, trace)
@@ -87,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(one_shot=True))

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
 
 from wove.backend.codec import EncodedFrame, encode_frame
 from wove.backend.delivery import (
@@ -241,7 +240,12 @@ class CallbackConnection:
     def fetch_blob(self, ref: str) -> bytearray:
         """Download a payload blob stored on the callback server for this run."""
         self.settle()
-        path = f"{self._target.path.rstrip('/')}/blobs/{quote(ref, safe='')}"
+        segment = ref
+        if not (ref.isascii() and ref.isalnum()):  # the server's references (numbers) need no quoting
+            from urllib.parse import quote  # imported only here (see delivery._parse_target)
+
+            segment = quote(ref, safe="")
+        path = f"{self._target.path.rstrip('/')}/blobs/{segment}"
         exchange = Exchange(self.url, f"payload blob {ref!r}", None)
         blob = self._request("GET", path, None, exchange, None)
         assert blob is not None

@@ -22,13 +22,20 @@ import binascii
 import functools
 import json
 import operator
-import pickle
 import sys
 import weakref
 import zlib
 from collections.abc import Mapping
 from types import CodeType, FunctionType
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    import pickle
+else:
+    try:  # the C pickler that pickle.py re-exports: pickle.py loads struct and more (a cold worker's ~1 ms)
+        import _pickle as pickle
+    except ImportError:  # pragma: no cover - not CPython
+        import pickle
 
 from wove._types import EVENT_TYPES, Frame
 from wove.errors import BackendUnavailableError, PayloadError
@@ -75,7 +82,7 @@ PICKLED_FIELDS = ("result", "exception", "error")
 _PICKLE_KEYS = tuple(f"{key}_pickle" for key in PICKLED_FIELDS)
 _MAGIC = b"WOVF"
 _TRAILER = 8
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_PROTOCOL = 5  # pickle.HIGHEST_PROTOCOL (since Python 3.8; the C pickler does not export it)
 
 
 class FrameError(PayloadError):
