@@ -27,6 +27,7 @@ import pytest
 from tests.integration.queue_support import await_for, wait_for_file
 from tests.integration.remote_tasks import InventoryError, add, hold, hold_async, out_of_stock, square, tail, where
 from wove import DeliveryLostError, weave
+from wove.environment import get_runtime
 from wove.result import RunRecord
 
 
@@ -147,6 +148,27 @@ class BackendScenarios:
         (record,) = w.result.records["out_of_stock"]
         assert record.status == "failed"
         engine.check_failed(record)
+
+    async def test_a_run_that_lasts_is_seen_running_where_it_runs(self, engine: Engine, tmp_path: Path) -> None:
+        # Backends whose short runs fold their start into the outcome post task_started once a run lasts.
+        weaves: list[Any] = []
+        running = asyncio.ensure_future(run_held(tmp_path, hold, 1, weaves))
+        try:
+            (pid,) = await started(tmp_path, 1)
+
+            def record() -> RunRecord | None:  # the weave's result is readable only after it; the runtime has it
+                runs = [run for run in get_runtime()._runs.pending() if run.request.task_name == "hold"]
+                return runs[0].request.record if runs else None
+
+            await await_for(lambda: (r := record()) is not None and r.status == "running", 10, "the run shown running")
+            shown = record()
+            assert shown is not None and shown.pid == pid and shown.started_at is not None
+            (tmp_path / "release").touch()
+            await asyncio.wait_for(running, 20)
+        finally:
+            await release(tmp_path, running)
+        assert weaves[0].result.hold == 0 and weaves[0].result.records["hold"] == [shown]
+        assert shown.status == "succeeded" and shown.finished_at is not None
 
     async def test_cancelling_the_weave_reaches_the_engine(self, cancelling: Engine, tmp_path: Path) -> None:
         engine, held = cancelling, cancelling.holding_task

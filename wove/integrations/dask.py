@@ -1,6 +1,6 @@
 """``DaskAdapter``: runs payloads as tasks on a Dask distributed cluster. Workers need wove installed, nothing else.
 
-Each payload becomes one Dask task calling ``wove.integrations.worker.run(payload)`` under the key
+Each payload becomes one Dask task calling :func:`run_payload` (wove's worker entrypoint) under the key
 ``wove-<task name>-<run id>``: keys never collide (``pure=False`` semantics) and the dashboard groups runs by task.
 
 The client is synchronous: it runs its own IO loop on a thread of its own, so the scheduler's messages never take
@@ -172,10 +172,10 @@ class DaskAdapter(BackendAdapter):
 
     def _submit_many(self, items: Sequence[tuple[str, Frame]]) -> list[Any]:
         """In a worker thread: one ``Client.map`` for the batch; each future is then followed to its end."""
-        from wove.integrations.worker import run
-
         keys = [key for key, _ in items]
-        futures = self.client.map(run, [payload for _, payload in items], key=keys, pure=False, **self.submit_options)
+        futures = self.client.map(
+            run_payload, [payload for _, payload in items], key=keys, pure=False, **self.submit_options
+        )
         assert self._completions is not None
         self._completions.follow(futures)
         return list(futures)
@@ -314,6 +314,18 @@ class _Completions:
                 self._on_done(future)
             except Exception:
                 logger.exception("handling the end of Dask key %s failed", getattr(future, "key", "?"))
+
+
+def run_payload(payload: Mapping[str, Any]) -> None:
+    """What each Dask task runs: the payload through wove's worker entrypoint; returns ``None``.
+
+    The value already went to the weave (Dask would keep a returned one in the worker's memory). Dask hands a key to
+    one worker at a time, so a run that ends quickly posts only its terminal frame, carrying its start (see
+    ``START_LAZY`` in :mod:`wove.backend.worker`): one request per short run instead of two.
+    """
+    from wove.backend import worker as backend_worker
+
+    backend_worker.run_payload(payload, backend_worker.RunTrace(), start=backend_worker.START_LAZY)
 
 
 def _check_client(environment: str, client: Any) -> None:

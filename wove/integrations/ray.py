@@ -1,7 +1,7 @@
 """``RayAdapter``: runs payloads as Ray tasks. Workers need wove installed (a ``runtime_env`` may ship it), no more.
 
-Each payload becomes one call of :func:`run_payload`, a ``ray.remote`` function that runs it through
-``wove.integrations.worker.run``, named ``wove:<task name>`` in Ray's task listings. When Ray is not initialized in
+Each payload becomes one call of :func:`run_payload`, a ``ray.remote`` function that runs it through wove's worker
+entrypoint, named ``wove:<task name>`` in Ray's task listings. When Ray is not initialized in
 this process yet, ``start`` initializes it (``address``, ``init_options``) on a thread that stays alive until
 ``close`` shuts it down: Ray ties the local processes it starts to the thread that started them. A Ray that was
 already initialized is used as is and never shut down.
@@ -62,16 +62,21 @@ LOST_WORKER_ERRORS = (
 
 
 def run_payload(payload: Mapping[str, Any]) -> None:
-    """What each Ray task runs: ``wove.integrations.worker.run(payload)``.
+    """What each Ray task runs: the payload through wove's worker entrypoint.
+
+    Ray hands a task to one worker at a time (``max_retries`` reruns it only after its worker died), so a run that
+    ends quickly posts only its terminal frame, carrying its start (``START_LAZY`` in :mod:`wove.backend.worker`).
+    SIGTERM stays Ray's: Ray ends its own workers, the adapter learns of it from the task's reference, and the
+    task runs in the worker's main thread without a hand-off.
 
     Returns ``None``: the value already went to the weave, and Ray would store a returned one in its object store.
     The task's own exception is re-raised after the weave got it, so Ray records the task as failed. A copy of a run
     that is no longer pending (a Ray retry after the run resolved or was cancelled) ends without running anything.
     """
-    from wove.integrations.worker import run
+    from wove.backend import worker as backend_worker
 
     try:
-        run(payload)
+        backend_worker.run_payload(payload, backend_worker.RunTrace(), start=backend_worker.START_LAZY, sigterm=False)
     except CallbackError as exc:
         if not exc.duplicate_delivery:
             raise
