@@ -3,7 +3,9 @@
 Sections (each prints a table):
 
 * ingest      frames/s the callback server takes from 1, 4 and 16 posting processes (``post_event``, one
-              keep-alive connection each, run-scoped URLs), and how many frames were lost.
+              keep-alive connection each, run-scoped URLs), and how many frames were lost. Beside it, the same
+              raw-socket posters against aiohttp's own low-level server with a handler that only reads the body
+              and answers: the most any aiohttp-based receiver can take on this machine.
 * roundtrip   payload built -> long-lived worker process -> ``task_result`` at ``recv()``; median and p99, for the
               sync entrypoint and the async one.
 * cold        ``python -m wove.backend_worker B64`` spawned per run until ``task_result`` at ``recv()``; beside it
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from aiohttp import web
 
 from wove.backend import BackendCallbackServer, build_backend_payload_for_run, payload_to_b64
 
@@ -199,12 +202,46 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
 # -- ingest -----------------------------------------------------------------------------------------------------------
 
 
+class BareAiohttp:
+    """aiohttp's low-level server answering every POST with 200 after reading its body, nothing else: the floor."""
+
+    def __init__(self) -> None:
+        self.frames: asyncio.Queue[str] = asyncio.Queue()
+        self._runner: web.ServerRunner | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> BareAiohttp:
+        self._runner = web.ServerRunner(web.Server(self._handle, access_log=None))
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        await request.read()
+        self.frames.put_nowait(request.path)
+        return web.Response(body=b'{"status":"accepted"}', content_type="application/json")
+
+    def open_run(self, run_id: str) -> str:
+        return f"http://127.0.0.1:{self.port}/wove/runs/{run_id}/x"
+
+    async def recv(self) -> dict[str, str]:
+        return {"run_id": (await self.frames.get()).split("/")[3]}
+
+
 async def ingest(quick: bool, python: str) -> None:
     total = 20_000 if quick else 60_000
     rows = []
     cases = [("post_event", POSTER, n) for n in (1, 4, 16)] + [("raw socket", RAW_POSTER, n) for n in (4, 16)]
+    cases += [("raw socket -> bare aiohttp", RAW_POSTER, n) for n in (4, 16)]
     for client, script, posters in cases:
-        async with BackendCallbackServer() as server:
+        receiver = BareAiohttp() if "bare" in client else BackendCallbackServer()
+        async with receiver as server:
             each = total // posters
             procs = []
             for n in range(posters):
@@ -248,7 +285,8 @@ async def ingest(quick: bool, python: str) -> None:
             )
     _table(
         "callback ingest (heartbeat frames over run URLs, one keep-alive connection per poster; 'raw socket' "
-        "posters cost almost nothing, so their rows show the server's own ceiling)",
+        "posters cost almost nothing, so their rows show the server's own ceiling; 'bare aiohttp' is aiohttp's "
+        "low-level server reading each body and answering, without wove)",
         ["client", "posters", "frames", "frames/s", "lost", "seconds", "server us/frame", "client us/frame"],
         rows,
     )
