@@ -58,18 +58,30 @@ class SentFrames:
 def count_sent(monkeypatch: pytest.MonkeyPatch) -> SentFrames:
     """Count every ``run_task`` and ``cancel_task`` the runtime hands any backend executor (a submission each)."""
     counts = SentFrames()
-    original = BackendAdapterEnvironmentExecutor.send
+    original_send, original_nowait = (
+        BackendAdapterEnvironmentExecutor.send,
+        BackendAdapterEnvironmentExecutor.send_nowait,
+    )
 
-    async def counting_send(self: BackendAdapterEnvironmentExecutor, frame: Frame) -> None:
+    def count(frame: Frame) -> None:
         kind = str(frame.get("type"))
         counts.by_type[kind] += 1
         if kind == "run_task":
             counts.run_tasks[str(frame.get("task_name"))] += 1
         elif kind == "cancel_task":
             counts.cancelled_runs.append(str(frame.get("run_id")))
-        await original(self, frame)
+
+    async def counting_send(self: BackendAdapterEnvironmentExecutor, frame: Frame) -> None:
+        if frame.get("type") != "run_task":  # runs reach send_nowait, through send or straight from the runtime
+            count(frame)
+        await original_send(self, frame)
+
+    def counting_send_nowait(self: BackendAdapterEnvironmentExecutor, frame: Frame) -> None:
+        count(frame)
+        original_nowait(self, frame)
 
     monkeypatch.setattr(BackendAdapterEnvironmentExecutor, "send", counting_send)
+    monkeypatch.setattr(BackendAdapterEnvironmentExecutor, "send_nowait", counting_send_nowait)
     return counts
 
 
