@@ -183,7 +183,8 @@ def test_malformed_frames_never_kill_the_receiver(caplog: pytest.LogCaptureFixtu
     assert "malformed" in caplog.text and "unknown run" in caplog.text
 
 
-def test_max_in_flight_bounds_the_backlog() -> None:
+@pytest.mark.parametrize("nowait", [False, True], ids=["task-path", "send-nowait"])
+def test_max_in_flight_bounds_the_backlog(nowait: bool) -> None:
     live = {"now": 0, "peak": 0}
 
     async def counted(frame: Any, emit: Emit) -> None:
@@ -191,9 +192,12 @@ def test_max_in_flight_bounds_the_backlog() -> None:
         live["peak"] = max(live["peak"], live["now"])
         await asyncio.sleep(0.01)
         live["now"] -= 1
-        emit({"type": "task_result", "run_id": frame["run_id"], "result": frame["args"]["item"]})
+        emit({"type": "task_result", "run_id": frame["run_id"], "result": frame["args"].get("item", "done")})
 
-    use(ScriptedExecutor(counted), delivery_max_in_flight=3)
+    if nowait:  # started first: the first three runs take send_nowait, the rest wait for a slot on the task path
+        executor = started(NowaitScriptedExecutor(counted), delivery_max_in_flight=3)
+    else:
+        use(ScriptedExecutor(counted), delivery_max_in_flight=3)
     with weave() as w:
 
         @w.do(range(30), environment="remote")
@@ -202,16 +206,25 @@ def test_max_in_flight_bounds_the_backlog() -> None:
 
     assert w.result.each == list(range(30))
     assert live["peak"] == 3
+    if nowait:
+        assert 3 <= executor.nowait_runs <= 30
 
 
 @pytest.mark.parametrize("mode", ["best_effort", "require_ack"])
-async def test_cancelling_the_weave_cancels_remote_runs(mode: str) -> None:
+@pytest.mark.parametrize("nowait", [False, True], ids=["task-path", "send-nowait"])
+async def test_cancelling_the_weave_cancels_remote_runs(mode: str, nowait: bool) -> None:
     async def forever(frame: Any, emit: Emit) -> None:
+        if frame["task_name"] == "task":  # the run that starts the environment first
+            await answer_now(frame, emit)
+            return
         emit({"type": "task_started", "run_id": frame["run_id"]})
         await asyncio.sleep(60)
 
-    executor = ScriptedExecutor(forever)
-    use(executor, delivery_cancel_mode=mode)
+    executor = NowaitScriptedExecutor(forever) if nowait else ScriptedExecutor(forever)
+    if isinstance(executor, NowaitScriptedExecutor):  # started: its runs then skip the per-run task
+        await asyncio.to_thread(started, executor, delivery_cancel_mode=mode)
+    else:
+        use(executor, delivery_cancel_mode=mode)
 
     async def run() -> None:
         async with weave() as w:
@@ -226,8 +239,11 @@ async def test_cancelling_the_weave_cancels_remote_runs(mode: str) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    cancelled = {c["run_id"] for c in executor.sent("cancel_task")}
-    assert cancelled == {c["run_id"] for c in executor.sent("run_task")}
+    cancels = [c["run_id"] for c in executor.sent("cancel_task")]
+    assert sorted(cancels) == sorted(c["run_id"] for c in executor.sent("run_task"))  # each once
+    assert len(get_runtime()._runs) == 0
+    if isinstance(executor, NowaitScriptedExecutor):
+        assert executor.nowait_runs == 5
 
 
 def test_a_backend_side_cancel_is_an_error_naming_the_run() -> None:
@@ -487,37 +503,6 @@ def test_a_failing_run_taken_by_send_nowait_raises_the_original_exception() -> N
     assert records[7].status == "failed" and isinstance(records[7].error, KeyError)
 
 
-@pytest.mark.parametrize("mode", ["best_effort", "require_ack"])
-async def test_cancelling_runs_taken_by_send_nowait_sends_one_cancel_each(mode: str) -> None:
-    async def forever(frame: Any, emit: Emit) -> None:
-        if frame["task_name"] == "task":
-            await answer_now(frame, emit)
-            return
-        emit({"type": "task_started", "run_id": frame["run_id"]})
-        await asyncio.sleep(60)
-
-    executor = NowaitScriptedExecutor(forever)
-    await asyncio.to_thread(started, executor, delivery_cancel_mode=mode)
-
-    async def run() -> None:
-        async with weave() as w:
-
-            @w.do(range(5), environment="remote")
-            def each(item: int) -> int:
-                return item
-
-    task = asyncio.ensure_future(run())
-    while len(executor.sent("run_task")) < 5:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert executor.nowait_runs == 5
-    cancels = [c["run_id"] for c in executor.sent("cancel_task")]
-    assert sorted(cancels) == sorted(c["run_id"] for c in executor.sent("run_task"))  # each once
-    assert len(get_runtime()._runs) == 0
-
-
 async def answer_now(frame: Any, emit: Emit) -> None:
     emit({"type": "task_result", "run_id": frame["run_id"], "result": frame["callable"](**frame["args"])})
 
@@ -548,24 +533,3 @@ def test_a_refused_send_nowait_is_a_submit_error_and_retries_apply() -> None:
         one_remote_task(retries=2)
     assert len(executor.sent("run_task")) == 3 and executor.nowait_runs >= 1
     assert len(get_runtime()._runs) == 0
-
-
-def test_max_in_flight_holds_with_send_nowait() -> None:
-    live = {"now": 0, "peak": 0}
-
-    async def counted(frame: Any, emit: Emit) -> None:
-        live["now"] += 1
-        live["peak"] = max(live["peak"], live["now"])
-        await asyncio.sleep(0.01)
-        live["now"] -= 1
-        emit({"type": "task_result", "run_id": frame["run_id"], "result": frame["args"].get("item", "done")})
-
-    executor = started(NowaitScriptedExecutor(counted), delivery_max_in_flight=3)
-    with weave() as w:
-
-        @w.do(range(30), environment="remote")
-        def each(item: int) -> int:
-            return item
-
-    assert w.result.each == list(range(30)) and live["peak"] == 3
-    assert 3 <= executor.nowait_runs <= 30  # the first three take it; the rest wait for a slot on the task path
