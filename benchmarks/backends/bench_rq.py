@@ -84,7 +84,7 @@ def measure(name: str, worker_class: str, sequential: int, concurrent: int) -> d
         url = redis.url(0)
         config = {"redis_url": url, "queue_name": QUEUE}
         environment = {"executor": "rq", "executor_config": config, "delivery_timeout": 60.0}
-        return compare_interleaved(name, NativeRQ(url), environment, echo, sequential, concurrent, rounds=1)
+        return compare_interleaved(name, NativeRQ(url), environment, echo, sequential, concurrent)
 
 
 def run(sequential: int = 200, concurrent: int = 500) -> list[dict[str, Any]]:

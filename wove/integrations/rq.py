@@ -3,7 +3,8 @@
 Each payload becomes one RQ job calling :func:`wove.integrations.rq_worker.run_payload`, enqueued by its dotted path
 (the submitting process never imports the worker module) with the run id as the job id. RQ's own options pass
 through ``enqueue_options`` (``job_timeout``, ``result_ttl``, ``failure_ttl``, ``ttl``, ``at_front``, ...); RQ's
-``job_timeout`` (default 180 s) still applies, and a run that outlives it is cancelled by RQ.
+``job_timeout`` (default 180 s) still applies, and a run that outlives it is cancelled by RQ. Runs submitted
+together (a mapped task) are enqueued in one Redis pipeline (``Queue.enqueue_many``) when every option allows it.
 
 Cancelling cancels a queued job (it never runs) and sends RQ's stop-job command for a started one: the default
 forking ``Worker`` kills the work horse running it. A ``SimpleWorker`` runs jobs in its own process and cannot stop
@@ -85,6 +86,7 @@ class RQAdapter(BackendAdapter):
         self._watched: dict[str, Frame] = {}  # run id -> the ids a frame about it needs
         self._watcher: asyncio.Task[None] | None = None
         self._enqueuer: BatchSubmitter[tuple[Frame, Frame], str] = BatchSubmitter(self._enqueue_many)
+        self._pipelined = False  # whether batches go through Queue.enqueue_many (set by _check)
         self._closed = False
 
     # -- adapter contract ------------------------------------------------------------------------------------
@@ -137,19 +139,40 @@ class RQAdapter(BackendAdapter):
         unknown = sorted(set(self.enqueue_options) - set(accepted))
         if unknown:
             raise ConfigError(f"executor_config['enqueue_options'] has options RQ does not know: {', '.join(unknown)}")
+        prepare = getattr(type(self.queue), "prepare_data", None)
+        if callable(getattr(self.queue, "enqueue_many", None)) and callable(prepare):
+            self._pipelined = set(self.enqueue_options) <= set(inspect.signature(prepare).parameters)
 
     def _enqueue_many(self, batch: Sequence[tuple[Frame, Frame]]) -> list[str | BaseException]:
-        """Enqueue a batch in a worker thread: one thread hop per batch, not per run."""
+        """Enqueue a batch in a worker thread: one thread hop per batch, not per run.
+
+        Several jobs go in one Redis pipeline (``Queue.enqueue_many``): one round trip for the batch instead of a
+        few per job, each of which would give up the GIL to the weave's threads and wait to get it back. A failed
+        pipeline fails every run of its batch.
+        """
+        if self._pipelined and len(batch) > 1:
+            datas = [
+                self.queue.prepare_data(self.worker_function, args=(payload,), **self._options(frame))
+                for payload, frame in batch
+            ]
+            try:
+                return [str(job.id) for job in self.queue.enqueue_many(datas)]
+            except Exception as exc:
+                return [exc] * len(batch)
         enqueued: list[str | BaseException] = []
         for payload, frame in batch:
-            run_id = str(frame["run_id"])
-            options = {"description": f"wove task {frame.get('task_name')!r} run {run_id}", **self.enqueue_options}
             try:
-                job = self.queue.enqueue_call(self.worker_function, args=(payload,), job_id=run_id, **options)
+                job = self.queue.enqueue_call(self.worker_function, args=(payload,), **self._options(frame))
                 enqueued.append(str(job.id))
             except Exception as exc:
                 enqueued.append(exc)
         return enqueued
+
+    def _options(self, frame: Frame) -> dict[str, Any]:
+        """The job's id (the run id), its description and the user's ``enqueue_options``."""
+        run_id = str(frame["run_id"])
+        description = f"wove task {frame.get('task_name')!r} run {run_id}"
+        return {"description": description, **self.enqueue_options, "job_id": run_id}
 
     def _watch(self, run_id: str, frame: Frame) -> None:
         if not self.watch_interval or self._closed:
