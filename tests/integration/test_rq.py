@@ -276,6 +276,22 @@ def test_job_timeout_passes_through_and_cancels_the_run(engine: RQEngine, tmp_pa
     wait_for(lambda: job.get_status() == JobStatus.FAILED, 10, "RQ fails the job that timed out")
 
 
+@pytest.mark.parametrize("options", [{"result_ttl": 60}, {"result_ttl": 60, "unique": False}], ids=["pipeline", "each"])
+def test_a_mapped_task_enqueues_every_item_with_its_options(engine: RQEngine, options: dict[str, Any]) -> None:
+    # Options prepare_data takes send the batch through one pipeline (enqueue_many); others (unique) go job by job.
+    engine.configure(enqueue_options=options)
+    with weave() as w:
+
+        @w.do(range(12), environment="jobs")
+        def doubled(item: int) -> int:
+            return item * 2
+
+    assert w.result.doubled == [i * 2 for i in range(12)]
+    jobs = [engine.job(str(record.run_id)) for record in w.result.records["doubled"]]
+    assert all(job.result_ttl == 60 and "doubled" in str(job.description) for job in jobs)
+    assert len({job.id for job in jobs}) == 12
+
+
 # -- duplicate deliveries ------------------------------------------------------------------------------------------
 
 
