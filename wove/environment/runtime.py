@@ -23,6 +23,7 @@ from typing import Any
 from wove._types import Frame
 from wove.config import Settings, current_settings, on_change
 from wove.environment.base import EnvironmentExecutor
+from wove.environment.event_loop import new_runtime_loop
 from wove.environment.local import LocalEnvironmentExecutor
 from wove.environment.runs import PendingRun, Requeue, RunRequest, RunTable, orphaned_error
 from wove.errors import BackendUnavailableError, ConfigError, SubmitError, WoveError
@@ -161,7 +162,7 @@ class ExecutorRuntime:
         with self._lock:
             if self._loop is not None:
                 return self._loop
-            loop = asyncio.new_event_loop()
+            loop = new_runtime_loop()
             ready = threading.Event()
 
             def serve() -> None:
