@@ -4,6 +4,8 @@ on an already started environment costs.
 Cases, side by side in one run:
   * 1,000 mapped tasks (a few hundred microseconds of CPU each) on a 2-worker ``process`` environment vs. the
     same function mapped on a 2-worker ProcessPoolExecutor (pools started and warm before timing in both).
+    Then one more round of each with CPU time taken per thread and per process: where each task's CPU goes
+    (steadier than wall time on a shared machine, where other tenants take CPU and time).
   * A weave with one trivial remote task on a started environment: the first weave (which starts the
     environment) and the median of the following ones; and the same weave with a local task, for reference.
 
@@ -14,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import psutil
+
 import wove
 from wove import weave
+from wove.environment.event_loop import runtime_loop_kind
 
 
 def work(item: int) -> int:
@@ -59,6 +65,29 @@ def one_task(environment: str) -> None:
             return 1
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def cpu_per_task(fn: Callable[[], Any], tasks: int) -> dict[str, float]:
+    """Microseconds of CPU per task spent by each thread of this process and by its child processes together."""
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    threads_before = {t.id: t.user_time + t.system_time for t in me.threads()}
+    children_before = [cpu_seconds(child) for child in children]
+    fn()
+    spent: dict[str, float] = {}
+    for thread in me.threads():
+        used = thread.user_time + thread.system_time - threads_before.get(thread.id, 0.0)
+        name = names.get(thread.id, "other threads")
+        spent[name] = spent.get(name, 0.0) + used / tasks * 1e6
+    workers = sum(cpu_seconds(c) - b for c, b in zip(children, children_before, strict=True))
+    spent["worker processes"] = workers / tasks * 1e6
+    return {name: us for name, us in spent.items() if us >= 1.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=1000)
@@ -81,8 +110,11 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         list(pool.map(work, range(args.workers * 4)))  # warm
         pooled = timed(lambda: list(pool.map(work, range(args.tasks))), args.repeat)
+        pool_cpu = cpu_per_task(lambda: list(pool.map(work, range(args.tasks))), args.tasks)
     woven = timed(lambda: weave_map(args.tasks), args.repeat)
     assert weave_map(10) == [work(i) for i in range(10)]
+    weave_cpu = cpu_per_task(lambda: weave_map(args.tasks), args.tasks)
+    own = min(timed(lambda: work(7), 1) for _ in range(200)) * 1e6
 
     later = [timed(lambda: one_task("heavy"), 1) for _ in range(50)]
     local = [timed(lambda: one_task("default"), 1) for _ in range(50)]
@@ -90,6 +122,11 @@ def main() -> None:
     print(f"{args.tasks} mapped tasks on {args.workers} workers (median of {args.repeat})")
     print(f"  ProcessPoolExecutor.map   {pooled:8.3f} s")
     print(f"  weave on 'process'        {woven:8.3f} s   ratio {woven / pooled:.2f}x")
+    print()
+    print(f"CPU per task, in microseconds (the task itself: {own:.0f}; runtime loop: {runtime_loop_kind()})")
+    for title, spent in (("ProcessPoolExecutor", pool_cpu), ("weave on 'process'", weave_cpu)):
+        parts = ", ".join(f"{name} {us:.0f}" for name, us in sorted(spent.items(), key=lambda kv: -kv[1]))
+        print(f"  {title:<20} total {sum(spent.values()):5.0f}: {parts}")
     print()
     print("a weave with one trivial remote task")
     print(f"  first weave (starts the environment)   {first * 1000:8.1f} ms")

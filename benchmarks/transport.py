@@ -42,6 +42,7 @@ import psutil
 from aiohttp import web
 
 from wove.backend import BackendCallbackServer, build_backend_payload_for_run, payload_to_b64
+from wove.environment.event_loop import new_runtime_loop, runtime_loop_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 KIB, MIB = 1 << 10, 1 << 20
@@ -441,12 +442,25 @@ def main() -> None:
     parser.add_argument("--scaling-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scaling_one:
-        print(json.dumps(asyncio.run(_scaling_one(args.scaling_one, args.python))))
+        print(json.dumps(_run(_scaling_one(args.scaling_one, args.python))))
         return
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workers run by {args.python}")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workers run by {args.python}, "
+        f"callback server on the {runtime_loop_kind()} loop (WOVE_EVENT_LOOP)"
+    )
     sections = {"ingest": ingest, "roundtrip": roundtrip, "cold": cold, "scaling": scaling}
     for name in args.only.split(","):
-        asyncio.run(sections[name](args.quick, args.python))
+        _run(sections[name](args.quick, args.python))
+
+
+def _run(coro: Any) -> Any:
+    """Run ``coro`` on the kind of loop wove's runtime uses, where the callback server lives in a weave."""
+    loop = new_runtime_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 if __name__ == "__main__":
