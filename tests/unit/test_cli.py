@@ -354,6 +354,27 @@ def test_doctor_names_an_unknown_adapter_and_how_to_register_one(
     assert "register_adapter('nosuch'" in env["checks"][0]["fix"]
 
 
+def test_doctor_names_the_runtime_loop_and_refuses_a_bad_choice(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "wove_config.py"
+    config.write_text("WOVE_CONFIG = {'environments': {'default': {}, 'pool': {'executor': 'process'}}}\n")
+    monkeypatch.setenv("WOVE_EVENT_LOOP", "asyncio")
+    status, out, _ = run(capsys, "doctor", "--config", str(config), "--json")
+    (env,) = [env for env in json.loads(out)["environments"] if env["name"] == "pool"]
+    assert status == 0, out
+    assert env["checks"][0]["detail"] == "aiohttp, cloudpickle, httptools; runtime loop: asyncio"
+
+    monkeypatch.setenv("WOVE_EVENT_LOOP", "fast")
+    status, out, _ = run(capsys, "doctor", "--config", str(config), "--json")
+    (env,) = [env for env in json.loads(out)["environments"] if env["name"] == "pool"]
+    assert status == 1
+    installed = env["checks"][0]
+    assert installed["status"] == "FAIL" and "got 'fast'" in installed["detail"]
+    assert installed["fix"] == "set WOVE_EVENT_LOOP to auto, uvloop or asyncio, or unset it"
+    assert {check["status"] for check in env["checks"][1:]} == {"skip"}
+
+
 def test_doctor_pings_through_a_custom_executor(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "wove_config.py"
     config.write_text(

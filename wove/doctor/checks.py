@@ -1,6 +1,7 @@
 """The checks ``wove doctor`` runs on one environment, in order; a failed one skips those that depend on it.
 
-1. ``installed``: the adapter and the modules it needs here (``wove[dispatch]`` and the backend's SDK).
+1. ``installed``: the adapter and the modules it needs here (``wove[dispatch]`` and the backend's SDK), and the
+   event loop the runtime will run (``WOVE_EVENT_LOOP``).
 2. ``backend``: the environment starts, which is where every adapter connects to its backend.
 3. ``callback``: the callback URL workers are given answers, from a worker process (``process`` backend) or from
    this machine (every other backend: its workers run elsewhere, so only the ping proves they reach it).
@@ -30,6 +31,7 @@ from wove.doctor.evidence import Evidence, find_ping
 from wove.doctor.ping import ping
 from wove.doctor.report import EnvironmentReport
 from wove.environment.base import EnvironmentExecutor
+from wove.environment.event_loop import EVENT_LOOP_ENV, runtime_loop_kind
 from wove.errors import BackendUnavailableError, ConfigError
 from wove.integrations import BUILTIN_ADAPTERS, adapter_names, get_adapter_class
 from wove.integrations.base import DISPATCH_HINT, DISPATCH_MODULES, BackendAdapter, check_modules
@@ -101,7 +103,12 @@ def _installed(report: EnvironmentReport, name: str) -> type[BackendAdapter] | N
     except BackendUnavailableError as exc:
         report.add("installed", False, str(exc), f"run: {adapter_class.install_hint}")
         return None
-    report.add("installed", True, ", ".join(modules))
+    try:
+        loop = runtime_loop_kind()
+    except ConfigError as exc:
+        report.add("installed", False, str(exc), f"set {EVENT_LOOP_ENV} to auto, uvloop or asyncio, or unset it")
+        return None
+    report.add("installed", True, f"{', '.join(modules)}; runtime loop: {loop}")
     return adapter_class
 
 
