@@ -20,7 +20,8 @@ import wove
 from tests.integration.queue_support import ROOT, await_for, gone, run_doc_example
 from tests.integration.remote_tasks import hold
 from tests.integration.scenarios import BackendScenarios, Engine, release, started, starts
-from wove import BackendUnavailableError, ConfigError, weave
+from tests.services.base import free_port
+from wove import BackendUnavailableError, ConfigError, DeliveryLostError, weave
 from wove._types import Frame
 from wove.environment.remote import BackendAdapterEnvironmentExecutor
 from wove.integrations import get_adapter_class
@@ -131,6 +132,20 @@ def victim(engine: RayEngine) -> RayEngine:
 
 class TestScenarios(BackendScenarios):
     """The shared scenarios on Ray."""
+
+
+def test_a_worker_that_cannot_reach_the_weave_fails_the_run() -> None:
+    """The worker gives up posting after its WOVE_POST_DEADLINE (10 s for this Ray) and raises: the task ends
+    with no outcome posted, and the adapter's sweep ends the run with that error instead of leaving it pending."""
+    configure(callback_url=f"http://127.0.0.1:{free_port()}")
+    unreachable = r"the Ray task failed before its worker reported an outcome: CallbackError: .*could not"
+    with pytest.raises(DeliveryLostError, match=unreachable), weave() as w:
+
+        @w.do(environment="jobs")
+        def never() -> int:
+            return 1
+
+    assert w.result.records["never"][0].status == "failed"
 
 
 def test_registered_under_its_name() -> None:

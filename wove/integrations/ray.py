@@ -7,8 +7,9 @@ this process yet, ``start`` initializes it (``address``, ``init_options``) on a 
 already initialized is used as is and never shut down.
 
 ``.remote()`` costs a few hundred microseconds (the first call exports the function: over 100 ms), so submissions go
-through a worker thread, in batches. Every task's result reference is watched: a worker that dies (``ray.cancel``
-from elsewhere, the OOM killer, a lost node) ends its run at once, without waiting for heartbeats. ``max_retries``
+through a worker thread, in batches. A run's outcome comes from its worker; five times a second the references of
+runs still pending are checked (``ray.wait``, nothing fetched), so a worker that dies (``ray.cancel`` from elsewhere,
+the OOM killer, a lost node) ends its run without waiting for heartbeats. ``max_retries``
 defaults to 0 so Ray does not run a started run a second time; a task's ``retries`` re-run it as a new run.
 Cancelling uses ``ray.cancel(ref, force=True)``: a queued task never starts, a running one has its worker process
 killed (Ray starts another).
@@ -22,8 +23,6 @@ Config keys (``executor_config``): ``address`` (``None`` starts or finds a local
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import importlib
 import logging
 import threading
@@ -49,9 +48,11 @@ FORBIDDEN_REMOTE_OPTIONS = {
 }
 #: Seconds ``close`` gives ``ray.shutdown`` (it takes about 1.5 s for a local Ray).
 SHUTDOWN_TIMEOUT = 30.0
-#: ``ray.exceptions`` names meaning the process running the task (or its node) is gone.
 #: Remote functions with their options kept per task name (``.options()`` is not cheap); cleared past this many.
 NAMED_REMOTES = 256
+#: Seconds between two looks at the pending runs' references for a task that ended without reporting its run.
+SWEEP_INTERVAL = 0.2
+#: ``ray.exceptions`` names meaning the process running the task (or its node) is gone.
 LOST_WORKER_ERRORS = (
     "WorkerCrashedError",
     "NodeDiedError",
@@ -125,8 +126,9 @@ class RayAdapter(BackendAdapter):
         self._remote: Any = None
         self._owner: _RayOwner | None = None
         self._jobs: dict[str, _Job] = {}
-        self._submitter: BatchSubmitter[tuple[_Job, Frame, str], tuple[Any, str]] = BatchSubmitter(self._submit_many)
+        self._submitter: BatchSubmitter[tuple[Frame, str], tuple[Any, str]] = BatchSubmitter(self._submit_many)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 
     @property
@@ -156,6 +158,7 @@ class RayAdapter(BackendAdapter):
             self._remote.options(**self.remote_options)  # validates them now rather than at the first submission
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"environment {self.name!r}: invalid remote_options: {exc}") from exc
+        self._sweeper = self._loop.create_task(self._sweep())
 
     async def submit(self, payload: Frame, frame: Frame) -> RaySubmission:
         """Start the task (from a worker thread); returns once Ray holds it."""
@@ -165,7 +168,7 @@ class RayAdapter(BackendAdapter):
         name = f"wove:{frame.get('task_name') or 'task'}"
         try:
             with self.translate_errors("submit", run_id=run_id):
-                job.ref, task_id = await self._submitter.submit((job, payload, name))
+                job.ref, task_id = await self._submitter.submit((payload, name))
         except BaseException:
             self._jobs.pop(run_id, None)
             raise
@@ -188,16 +191,23 @@ class RayAdapter(BackendAdapter):
         if self._closed:
             return
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         self._jobs.clear()
         if self._owner is not None:
             await self._owner.stop()
 
+    def run_ended(self, run_id: str) -> None:
+        """The worker reported the run's outcome: stop watching its reference (Ray may then free the empty result)."""
+        self._jobs.pop(run_id, None)
+
     # -- submission and completion ---------------------------------------------------------------------------
 
-    def _submit_many(self, items: Sequence[tuple[_Job, Frame, str]]) -> list[tuple[Any, str] | BaseException]:
-        """In a worker thread: start each task and watch its reference."""
+    def _submit_many(self, items: Sequence[tuple[Frame, str]]) -> list[tuple[Any, str] | BaseException]:
+        """In a worker thread: start each task."""
         outcomes: list[tuple[Any, str] | BaseException] = []
-        for job, payload, name in items:
+        for payload, name in items:
             try:
                 remote = self._named.get(name)
                 if remote is None:  # .options() builds a new remote function: once per task name, not per run
@@ -205,19 +215,39 @@ class RayAdapter(BackendAdapter):
                         self._named.clear()
                     remote = self._named[name] = self._remote.options(**{"name": name, **self.remote_options})
                 ref = remote.remote(payload)
-                ref.future().add_done_callback(functools.partial(self._ref_done, job.run_id))
                 outcomes.append((ref, ref.task_id().hex()))
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
 
-    def _ref_done(self, run_id: str, future: Any) -> None:
-        """On a Ray thread: pass how the task ended to the runtime loop."""
-        error = None if future.cancelled() else future.exception()
-        if self._loop is None or self._closed:
-            return
-        with contextlib.suppress(RuntimeError):  # the runtime loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(self._finished, run_id, error)
+    async def _sweep(self) -> None:
+        """Every ``SWEEP_INTERVAL``: end the runs whose task is done although no outcome came from its worker.
+
+        ``run_ended`` drops a run as soon as its outcome arrives, which is before Ray marks its task done, so a done
+        reference still here belongs to a task that ended some other way (its worker died, wove missing there, the
+        callback server unreachable). One ``ray.wait`` over the pending references a few times a second costs the
+        driver far less than an asynchronous fetch of every task's empty result.
+        """
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            pending = {job.ref: run_id for run_id, job in self._jobs.items() if job.ref is not None}
+            if not pending:
+                continue
+            ended = await call_blocking(self._ended, list(pending))
+            for ref, error in ended:
+                self._finished(pending[ref], error)
+
+    def _ended(self, refs: list[Any]) -> list[tuple[Any, BaseException | None]]:
+        """In a worker thread: the references whose task is done, each with the error it ended with (or ``None``)."""
+        done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        ended: list[tuple[Any, BaseException | None]] = []
+        for ref in done:
+            try:
+                self.ray.get(ref, timeout=SWEEP_INTERVAL)
+                ended.append((ref, None))
+            except Exception as exc:  # the task's error, or Ray's word that its worker or node is gone
+                ended.append((ref, exc))
+        return ended
 
     def _finished(self, run_id: str, error: BaseException | None) -> None:
         job = self._jobs.pop(run_id, None)
