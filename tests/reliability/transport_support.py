@@ -305,12 +305,12 @@ class TcpProxy:
 
     async def drop(self) -> None:
         assert self._listener is not None
-        self._listener.close()
-        await self._listener.wait_closed()
-        self._listener = None
-        for writer in list(self._open):
+        listener, self._listener = self._listener, None
+        listener.close()
+        for writer in list(self._open):  # before yielding to the loop: no pump forwards another byte
             writer.transport.abort()
         self._open.clear()
+        await listener.wait_closed()
 
     async def restore(self) -> None:
         await self.start()
