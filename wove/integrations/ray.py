@@ -129,6 +129,7 @@ class RayAdapter(BackendAdapter):
         self._submitter: BatchSubmitter[tuple[Frame, str], tuple[Any, str]] = BatchSubmitter(self._submit_many)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._asking: asyncio.Future[list[tuple[Any, BaseException | None]]] | None = None  # a sweep's Ray call
         self._closed = False
 
     @property
@@ -194,6 +195,8 @@ class RayAdapter(BackendAdapter):
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._asking is not None:  # a sweep's call into Ray finishes before Ray may shut down
+            await asyncio.gather(self._asking, return_exceptions=True)
         self._jobs.clear()
         if self._owner is not None:
             await self._owner.stop()
@@ -233,7 +236,12 @@ class RayAdapter(BackendAdapter):
             pending = {job.ref: run_id for run_id, job in self._jobs.items() if job.ref is not None}
             if not pending:
                 continue
-            ended = await call_blocking(self._ended, list(pending))
+            self._asking = asyncio.ensure_future(call_blocking(self._ended, list(pending)))
+            try:
+                ended = await asyncio.shield(self._asking)
+            except Exception as exc:  # Ray going away under a Ray this adapter does not own: look again later
+                logger.warning("environment %r: could not ask Ray which tasks ended: %s", self.name, _describe(exc))
+                continue
             for ref, error in ended:
                 self._finished(pending[ref], error)
 
@@ -245,6 +253,8 @@ class RayAdapter(BackendAdapter):
             try:
                 self.ray.get(ref, timeout=SWEEP_INTERVAL)
                 ended.append((ref, None))
+            except self.ray.exceptions.GetTimeoutError:
+                continue  # done but not readable yet: the next sweep looks again
             except Exception as exc:  # the task's error, or Ray's word that its worker or node is gone
                 ended.append((ref, exc))
         return ended
