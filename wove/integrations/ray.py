@@ -129,6 +129,7 @@ class RayAdapter(BackendAdapter):
         self._submitter: BatchSubmitter[tuple[Frame, str], tuple[Any, str]] = BatchSubmitter(self._submit_many)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._watching = asyncio.Event()  # set while runs are pending: an idle environment's sweeper sleeps
         self._asking: asyncio.Future[list[tuple[Any, BaseException | None]]] | None = None  # a sweep's Ray call
         self._closed = False
 
@@ -166,6 +167,7 @@ class RayAdapter(BackendAdapter):
         run_id = str(frame["run_id"])
         job = _Job(run_id, frame.get("task_id"))
         self._jobs[run_id] = job
+        self._watching.set()
         name = f"wove:{frame.get('task_name') or 'task'}"
         try:
             with self.translate_errors("submit", run_id=run_id):
@@ -232,6 +234,9 @@ class RayAdapter(BackendAdapter):
         driver far less than an asynchronous fetch of every task's empty result.
         """
         while True:
+            if not self._jobs:
+                self._watching.clear()
+                await self._watching.wait()
             await asyncio.sleep(SWEEP_INTERVAL)
             pending = {job.ref: run_id for run_id, job in self._jobs.items() if job.ref is not None}
             if not pending:
