@@ -31,6 +31,19 @@ from wove.environment import get_runtime
 from wove.result import RunRecord
 
 
+def unreachable_run_fails(match: str) -> DeliveryLostError:
+    """One remote task in ``jobs``, whose ``callback_url`` points where nothing listens: the weave must fail with
+    ``DeliveryLostError`` matching ``match`` (the backend's word on the worker's failure), never wait forever."""
+    with pytest.raises(DeliveryLostError, match=match) as info, weave() as w:
+
+        @w.do(environment="jobs")
+        def never() -> int:
+            return 1
+
+    assert w.result.records["never"][0].status == "failed"
+    return info.value
+
+
 class Engine:
     """A running engine as the scenarios see it; a backend overrides what its engine does differently or shows."""
 

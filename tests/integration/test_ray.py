@@ -19,9 +19,9 @@ import pytest
 import wove
 from tests.integration.queue_support import ROOT, await_for, gone, run_doc_example
 from tests.integration.remote_tasks import hold
-from tests.integration.scenarios import BackendScenarios, Engine, release, started, starts
+from tests.integration.scenarios import BackendScenarios, Engine, release, started, starts, unreachable_run_fails
 from tests.services.base import free_port
-from wove import BackendUnavailableError, ConfigError, DeliveryLostError, weave
+from wove import BackendUnavailableError, ConfigError, weave
 from wove._types import Frame
 from wove.environment.remote import BackendAdapterEnvironmentExecutor
 from wove.integrations import get_adapter_class
@@ -139,13 +139,7 @@ def test_a_worker_that_cannot_reach_the_weave_fails_the_run() -> None:
     with no outcome posted, and the adapter's sweep ends the run with that error instead of leaving it pending."""
     configure(callback_url=f"http://127.0.0.1:{free_port()}")
     unreachable = r"the Ray task failed before its worker reported an outcome: CallbackError: .*could not"
-    with pytest.raises(DeliveryLostError, match=unreachable), weave() as w:
-
-        @w.do(environment="jobs")
-        def never() -> int:
-            return 1
-
-    assert w.result.records["never"][0].status == "failed"
+    unreachable_run_fails(unreachable)
 
 
 def test_registered_under_its_name() -> None:
