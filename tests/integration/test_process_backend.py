@@ -128,6 +128,18 @@ async def test_result_with_timing_and_placement(driver: Driver) -> None:
     assert result["pid"] in driver.adapter.worker_pids()
 
 
+async def test_workers_call_back_over_the_servers_unix_socket(driver: Driver) -> None:
+    """Pool workers share the host: their frames go through the server's Unix socket, not loopback TCP."""
+    socket_path = driver.executor.callback_socket
+    assert socket_path is not None and os.path.exists(socket_path)
+    pid = (await driver.run(whoami))["result"]
+    server = driver.executor.server
+    assert server is not None and server.public_url is not None
+    port = int(server.public_url.rsplit(":", 1)[1])
+    tcp = [c for c in psutil.Process(pid).net_connections(kind="inet") if c.raddr and c.raddr.port == port]
+    assert tcp == []
+
+
 async def test_async_callable(driver: Driver) -> None:
     assert (await driver.run(add_async, a=4, b=5))["result"] == 9
 
@@ -326,6 +338,7 @@ async def test_public_callback_url_and_token() -> None:
         assert url.startswith(f"http://127.0.0.1:{port}/behind-proxy/wove/runs/")
         assert "tok" not in url and server.callback_url.endswith("/tok")  # the master token never leaves
         assert driver.adapter.callback_url == f"http://127.0.0.1:{port}/behind-proxy"
+        assert driver.executor.callback_socket is None and "callback_socket" not in seen[0]  # the URL given is used
     finally:
         await driver.close()
 

@@ -68,12 +68,23 @@ class _Stream:
         self.open = True
 
     @classmethod
-    async def connect(cls, target: Target) -> _Stream:
+    async def connect(cls, target: Target, unix_socket: str | None = None) -> _Stream:
+        """Connect to ``unix_socket`` when one is given and takes the connection, else to the target over TCP."""
         ssl = client_ssl_context() if target.scheme == "https" else None
+        hostname = target.host if ssl else None
+        host = host_header(target.scheme, target.host, target.port)
+        if unix_socket is not None and hasattr(asyncio, "open_unix_connection"):
+            try:
+                reader, writer = await asyncio.open_unix_connection(
+                    unix_socket, ssl=ssl, server_hostname=hostname, limit=READ_SIZE
+                )
+                return cls(reader, writer, host)
+            except OSError as exc:
+                logger().debug("callback socket %s not reachable (%s); connecting over TCP", unix_socket, exc)
         reader, writer = await asyncio.open_connection(
-            target.host, target.port, ssl=ssl, server_hostname=target.host if ssl else None, limit=READ_SIZE
+            target.host, target.port, ssl=ssl, server_hostname=hostname, limit=READ_SIZE
         )
-        return cls(reader, writer, host_header(target.scheme, target.host, target.port))
+        return cls(reader, writer, host)
 
     def close(self) -> None:
         self.open = False
@@ -107,7 +118,7 @@ class _Stream:
                 return answer
 
 
-Pool = dict[tuple[str, str, int], list[_Stream]]
+Pool = dict[tuple[str, str, int, str | None], list[_Stream]]
 
 #: Idle connections of the loops that keep them (see :func:`keep_connections`), by callback origin.
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
@@ -138,12 +149,16 @@ async def close_connections() -> None:
 
 
 class AsyncCallbackConnection:
-    """A keep-alive connection to one callback URL, taken from (and given back to) its event loop's pool."""
+    """A keep-alive connection to one callback URL, taken from (and given back to) its event loop's pool.
 
-    def __init__(self, callback_url: str, *, deadline: float | None = None) -> None:
+    ``unix_socket``: as for :class:`wove.backend.client.CallbackConnection`.
+    """
+
+    def __init__(self, callback_url: str, *, deadline: float | None = None, unix_socket: str | None = None) -> None:
         self.url = callback_url
         self._target = parse_target(callback_url)
-        self._key = self._target[:3]
+        self._unix_socket = unix_socket
+        self._key = (*self._target[:3], unix_socket)
         self._deadline = deadline_seconds(deadline)
         self._stream: _Stream | None = None
 
@@ -204,7 +219,7 @@ class AsyncCallbackConnection:
                     self._stream = stream
                     return stream
                 stream.close()
-            self._stream = await _Stream.connect(self._target)
+            self._stream = await _Stream.connect(self._target, self._unix_socket)
         return self._stream
 
     def _drop(self) -> None:

@@ -45,13 +45,12 @@ class _Wire:
 
     __slots__ = ("host", "kernel_timeout", "open", "owed", "sock", "timeout")
 
-    def __init__(self, target: Target, timeout: float) -> None:
-        # An ASCII host goes to getaddrinfo as bytes: as text it would load the IDNA codec (a cold worker's 2 ms).
-        address: str | bytes = target.host.encode("ascii") if target.host.isascii() else target.host
-        sock = socket.create_connection((address, target.port), timeout)  # type: ignore[arg-type]
+    def __init__(self, target: Target, timeout: float, unix_socket: str | None = None) -> None:
+        sock = _connect(target, timeout, unix_socket)
         self.kernel_timeout = target.scheme == "http" and _KERNEL_TIMEOUTS
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family != _AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if target.scheme == "https":
                 sock = client_ssl_context().wrap_socket(sock, server_hostname=target.host)
             elif self.kernel_timeout:
@@ -116,6 +115,26 @@ class _Wire:
 
 #: Whether SO_RCVTIMEO/SO_SNDTIMEO can carry the timeouts (everywhere but Windows, for plain TCP).
 _KERNEL_TIMEOUTS = hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
+_AF_UNIX: int | None = getattr(socket, "AF_UNIX", None)
+
+
+def _connect(target: Target, timeout: float, unix_socket: str | None) -> socket.socket:
+    """A socket connected to ``unix_socket`` when one is given and takes the connection, else to the target.
+
+    Falling back keeps a worker working where the socket is not visible (another machine, another mount namespace).
+    """
+    if unix_socket is not None and _AF_UNIX is not None:
+        sock = socket.socket(_AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(unix_socket)
+            return sock
+        except OSError as exc:
+            sock.close()
+            logger().debug("callback socket %s not reachable (%s); connecting over TCP", unix_socket, exc)
+    # An ASCII host goes to getaddrinfo as bytes: as text it would load the IDNA codec (a cold worker's 2 ms).
+    address: str | bytes = target.host.encode("ascii") if target.host.isascii() else target.host
+    return socket.create_connection((address, target.port), timeout)  # type: ignore[arg-type]
 
 
 def _set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
@@ -136,7 +155,7 @@ class _Owed:
         self.encoded = encoded
 
 
-class _Pool(dict[tuple[str, str, int], _Wire]):
+class _Pool(dict[tuple[str, str, int, str | None], _Wire]):
     """Idle connections of one thread, closed when the thread ends."""
 
     def __del__(self) -> None:
@@ -155,12 +174,17 @@ def _pool() -> _Pool:
 
 
 class CallbackConnection:
-    """A keep-alive connection to one callback URL; idle connections are pooled per thread and reused across runs."""
+    """A keep-alive connection to one callback URL; idle connections are pooled per thread and reused across runs.
 
-    def __init__(self, callback_url: str, *, deadline: float | None = None) -> None:
+    ``unix_socket`` names the server's Unix socket on this host (a payload's ``callback_socket``): the same HTTP goes
+    over it, or over TCP to the URL's host when the socket does not take the connection.
+    """
+
+    def __init__(self, callback_url: str, *, deadline: float | None = None, unix_socket: str | None = None) -> None:
         self.url = callback_url
         self._target = parse_target(callback_url)
-        self._key = self._target[:3]
+        self._unix_socket = unix_socket
+        self._key = (*self._target[:3], unix_socket)
         self._deadline = deadline_seconds(deadline)
         self._wire = _pool().pop(self._key, None)
 
@@ -253,7 +277,7 @@ class CallbackConnection:
 
     def _connection(self, timeout: float) -> _Wire:
         if self._wire is None:
-            self._wire = _Wire(self._target, timeout)
+            self._wire = _Wire(self._target, timeout, self._unix_socket)
         else:
             self._wire.set_timeout(timeout)
         return self._wire

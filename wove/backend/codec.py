@@ -459,6 +459,8 @@ def validate_payload(payload: object) -> None:
             raise PayloadError(f"payload field {key!r} must be base64 text or a {{'ref': ...}} reference")
     if not isinstance(payload.get("delivery", {}), Mapping):
         raise PayloadError("payload field 'delivery' must be a dict")
+    if not isinstance(payload.get("callback_socket", ""), str):
+        raise PayloadError("payload field 'callback_socket' must be the path of a Unix socket")
 
 
 def payload_to_b64(payload: Mapping[str, Any]) -> str:

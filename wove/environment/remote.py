@@ -66,6 +66,8 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         self.adapter: BackendAdapter | None = None
         self.server: BackendCallbackServer | None = None
         self.inline_payload_limit: int | None = None
+        #: The server's Unix socket for adapters whose workers share this host (``BackendAdapter.local_workers``).
+        self.callback_socket: str | None = None
         self._events: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
         self._sink: Callable[[Frame], None] = self._events.put_nowait
         self._runs: dict[str, _Run] = {}
@@ -111,6 +113,8 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         self.server.deliver_to(self._accept_quietly)
         await self.server.start()
         assert self.server.public_url is not None  # set by start()
+        if adapter_class.local_workers and not config.get("callback_url"):  # a given URL is what workers must call
+            self.callback_socket = await self._listen_locally(self.server)
         self._pump = self._loop.create_task(self._pump_frames())
         self.adapter = adapter_class(
             name=self.name,
@@ -121,6 +125,13 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         )
         await self.adapter.start()
         logger.debug("environment %r: %r started, callbacks at %s", self.name, self.adapter, self.server.public_url)
+
+    async def _listen_locally(self, server: BackendCallbackServer) -> str | None:
+        try:
+            return await server.listen_unix()
+        except BackendUnavailableError as exc:
+            logger.debug("environment %r: workers call back over TCP: %s", self.name, exc)
+            return None
 
     async def stop(self) -> None:
         if self._stopped:
@@ -188,9 +199,12 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
 
         assert self.adapter is not None and self.server is not None
         limit = sys.maxsize if self.inline_payload_limit is None else self.inline_payload_limit
-        return build_backend_payload_for_run(
+        payload = build_backend_payload_for_run(
             frame, server=self.server, adapter=self.adapter.backend, inline_limit=limit
         )
+        if self.callback_socket is not None:
+            payload["callback_socket"] = self.callback_socket
+        return payload
 
     async def _submit(self, run: _Run, payload: Frame, frame: Frame) -> None:
         assert self.adapter is not None

@@ -89,6 +89,10 @@ class BackendAdapter(abc.ABC):
     #: the callback server and the worker fetches them (by reference), keeping broker messages small. None means
     #: always inline. ``executor_config["inline_payload_limit"]`` overrides it per environment.
     inline_payload_limit: ClassVar[int | None] = 32 * 1024
+    #: True when every worker is a process of this user on this machine (the ``process`` pool): the executor then
+    #: also serves callbacks on a private Unix socket, named in each payload as ``callback_socket`` (workers fall
+    #: back to the callback URL when they cannot reach it). Loopback TCP costs more than the HTTP on small frames.
+    local_workers: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -89,6 +89,8 @@ class ProcessAdapter(BackendAdapter):
     #: A pipe takes any size, but a huge inline payload is base64-encoded and JSON-parsed; past 1 MiB a blob
     #: fetched over HTTP is cheaper.
     inline_payload_limit: ClassVar[int | None] = 1 << 20
+    #: Workers are local processes: they call back over the server's Unix socket.
+    local_workers: ClassVar[bool] = True
     #: ``module:function`` each worker calls with a payload (sync or async). The synchronous entrypoint posts over
     #: a pooled keep-alive socket (``wove.backend.client``), so workers never import aiohttp and reuse one connection.
     worker_entrypoint: ClassVar[str] = "wove.backend.worker:run_backend_payload"
