@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -138,6 +139,20 @@ async def test_workers_call_back_over_the_servers_unix_socket(driver: Driver) ->
     port = int(server.public_url.rsplit(":", 1)[1])
     tcp = [c for c in psutil.Process(pid).net_connections(kind="inet") if c.raddr and c.raddr.port == port]
     assert tcp == []
+
+
+async def test_without_a_unix_socket_workers_call_back_over_tcp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 120)  # no Unix socket can be bound this deep: the pool must still work
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    driver = await start_driver()
+    try:
+        assert driver.executor.callback_socket is None
+        assert (await driver.run(add, a=1, b=1))["result"] == 2
+    finally:
+        await driver.close()
 
 
 async def test_async_callable(driver: Driver) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import os
 import socket
 import stat
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -50,6 +51,17 @@ async def test_the_socket_lives_in_a_private_directory_until_stop() -> None:
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700  # only this user may connect
     await server.stop()
     assert not os.path.exists(os.path.dirname(path))
+
+
+async def test_a_socket_path_too_long_is_a_clear_error(
+    server: BackendCallbackServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 120)  # past the kernel's limit for a socket's path (108 bytes on Linux)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with pytest.raises(BackendUnavailableError, match="cannot listen"):
+        await server.listen_unix()
+    assert list(deep.iterdir()) == []  # the private directory made for it is gone again
 
 
 async def test_a_run_url_delivers_through_the_socket(server: BackendCallbackServer) -> None:
