@@ -347,7 +347,8 @@ class BackendCallbackServer:
         """The run-scoped callback URL of ``run_id`` (valid only while the run is pending)."""
         if self._base is None:
             raise BackendUnavailableError("callback server has no URL yet: call start() first or pass public_url")
-        return f"{self._base}/wove/runs/{quote(run_id, safe='')}/{run_credential(self._secret, run_id)}"
+        segment = run_id if run_id.isascii() and run_id.isalnum() else quote(run_id, safe="")  # wove's ids: hex
+        return f"{self._base}/wove/runs/{segment}/{run_credential(self._secret, run_id)}"
 
     def close_run(self, run_id: str) -> None:
         """Mark a run no longer pending: its URL stops working and its blobs are dropped."""
