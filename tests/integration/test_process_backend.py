@@ -155,6 +155,17 @@ async def test_without_a_unix_socket_workers_call_back_over_tcp(
         await driver.close()
 
 
+async def test_callback_socket_can_be_turned_off_and_must_be_a_bool() -> None:
+    driver = await start_driver({"callback_socket": False})
+    try:
+        assert driver.executor.callback_socket is None
+        assert (await driver.run(add, a=2, b=2))["result"] == 4
+    finally:
+        await driver.close()
+    with pytest.raises(ConfigError, match="callback_socket must be true or false"):
+        await start_driver({"callback_socket": "yes"})
+
+
 async def test_async_callable(driver: Driver) -> None:
     assert (await driver.run(add_async, a=4, b=5))["result"] == 9
 

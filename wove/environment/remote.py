@@ -8,8 +8,8 @@ refused submission, a dead worker, a confirmed cancel) join the same stream. Eve
 
 ``executor_config`` keys read here: ``callback_host``, ``callback_port`` (where wove listens), ``callback_url``
 (what workers call, e.g. behind a proxy), ``callback_token``, ``callback_ssl_certfile``/``callback_ssl_keyfile``
-(serve HTTPS) and ``inline_payload_limit`` (bytes; larger payloads are fetched by reference). The rest belongs
-to the adapter.
+(serve HTTPS), ``callback_socket`` (also serve a private Unix socket for workers on this host) and
+``inline_payload_limit`` (bytes; larger payloads are fetched by reference). The rest belongs to the adapter.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ConfigError(f"environment {self.name!r}: inline_payload_limit must be bytes >= 0 or None")
         self.inline_payload_limit = limit
+        offer_socket = _offers_socket(self.name, config, adapter_class)
 
         from wove.backend import BackendCallbackServer
 
@@ -113,7 +114,7 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         self.server.deliver_to(self._accept_quietly)
         await self.server.start()
         assert self.server.public_url is not None  # set by start()
-        if adapter_class.local_workers and not config.get("callback_url"):  # a given URL is what workers must call
+        if offer_socket:
             self.callback_socket = await self._listen_locally(self.server)
         self._pump = self._loop.create_task(self._pump_frames())
         self.adapter = adapter_class(
@@ -369,6 +370,17 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
 
 def _number(value: Any, default: float) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _offers_socket(environment: str, config: Mapping[str, Any], adapter_class: type[BackendAdapter]) -> bool:
+    """Whether workers get the server's Unix socket: ``callback_socket`` when set, else when the adapter's workers
+    share this host and no ``callback_url`` says where workers must call."""
+    choice = config.get("callback_socket")
+    if choice is None:
+        return adapter_class.local_workers and not config.get("callback_url")
+    if not isinstance(choice, bool):
+        raise ConfigError(f"environment {environment!r}: callback_socket must be true or false, not {choice!r}")
+    return choice
 
 
 def _server_options(config: Mapping[str, Any]) -> dict[str, Any]:
