@@ -2,19 +2,21 @@
 on an already started environment costs.
 
 Cases, side by side in one run:
-  * 1,000 mapped tasks (a few hundred microseconds of CPU each) on a 2-worker ``process`` environment vs. the
-    same function mapped on a 2-worker ProcessPoolExecutor (pools started and warm before timing in both).
+  * 1,000 mapped tasks (0.1-0.15 ms of CPU each here; ``--steps`` makes them larger) on a 2-worker ``process``
+    environment vs. the same function mapped on a 2-worker ProcessPoolExecutor (pools started and warm before
+    timing in both), alternating pair by pair.
     Then one more round of each with CPU time taken per thread and per process: where each task's CPU goes
     (steadier than wall time on a shared machine, where other tenants take CPU and time).
   * A weave with one trivial remote task on a started environment: the first weave (which starts the
     environment) and the median of the following ones; and the same weave with a local task, for reference.
 
-Run: python benchmarks/process_backend.py [--tasks 1000] [--repeat 9]
+Run: python benchmarks/process_backend.py [--tasks 1000] [--repeat 9] [--steps 2000] [--tcp]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import threading
 import time
@@ -28,11 +30,14 @@ import wove
 from wove import weave
 from wove.environment.event_loop import runtime_loop_kind
 
+#: Loop iterations of ``work``: about 0.1-0.15 ms of CPU here (``--steps`` sets it).
+STEPS = 2_000
 
-def work(item: int) -> int:
+
+def work(item: int, steps: int = STEPS) -> int:
     """A small CPU-bound step, the same in both runners."""
     total = 0
-    for i in range(2_000):
+    for i in range(steps):
         total = (total + item * i) % 1_000_003
     return total
 
@@ -46,12 +51,12 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(samples)
 
 
-def weave_map(n: int) -> list[int]:
+def weave_map(n: int, steps: int = STEPS, environment: str = "heavy") -> list[int]:
     with weave(items=range(n)) as w:
 
-        @w.do("items", environment="heavy")
+        @w.do("items", environment=environment)
         def mapped(item: int) -> int:
-            return work(item)
+            return work(item, steps)
 
     result: list[int] = w.result.mapped
     return result
@@ -93,12 +98,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=STEPS, help="size of each task (loop iterations)")
+    parser.add_argument("--tcp", action="store_true", help="also run a pool whose workers call back over TCP")
     args = parser.parse_args()
+    pool_config = {"workers": args.workers, "min_workers": args.workers}
     wove.config(
         progress=False,
         environments={
             "default": {"executor": "local"},
-            "heavy": {"executor": "process", "executor_config": {"workers": args.workers, "min_workers": args.workers}},
+            "heavy": {"executor": "process", "executor_config": pool_config},
+            "heavy-tcp": {"executor": "process", "executor_config": {**pool_config, "callback_socket": False}},
         },
     )
 
@@ -107,20 +116,27 @@ def main() -> None:
     first = time.perf_counter() - first_start
     weave_map(args.workers * 4)  # every worker warm
 
-    assert weave_map(10) == [work(i) for i in range(10)]
+    steps = args.steps
+    assert weave_map(10, steps) == [work(i, steps) for i in range(10)]
+    task = functools.partial(work, steps=steps)
+    if args.tcp:
+        weave_map(args.workers * 4, steps, "heavy-tcp")
+    tcp_ratios: list[float] = []
     with ProcessPoolExecutor(args.workers) as pool:
-        list(pool.map(work, range(args.workers * 4)))  # warm
-        # Alternate the two, so both see the same machine: other tenants' load comes and goes within seconds.
-        pairs = [
-            (timed(lambda: list(pool.map(work, range(args.tasks))), 1), timed(lambda: weave_map(args.tasks), 1))
-            for _ in range(args.repeat)
-        ]
-        pool_cpu = cpu_per_task(lambda: list(pool.map(work, range(args.tasks))), args.tasks)
+        list(pool.map(task, range(args.workers * 4)))  # warm
+        # Alternate the runners, so all see the same machine: other tenants' load comes and goes within seconds.
+        pairs = []
+        for _ in range(args.repeat):
+            pooled_once = timed(lambda: list(pool.map(task, range(args.tasks))), 1)
+            pairs.append((pooled_once, timed(lambda: weave_map(args.tasks, steps), 1)))
+            if args.tcp:
+                tcp_ratios.append(timed(lambda: weave_map(args.tasks, steps, "heavy-tcp"), 1) / pooled_once)
+        pool_cpu = cpu_per_task(lambda: list(pool.map(task, range(args.tasks))), args.tasks)
     pooled = statistics.median(p for p, _ in pairs)
     woven = statistics.median(w for _, w in pairs)
     ratios = sorted(w / p for p, w in pairs)
-    weave_cpu = cpu_per_task(lambda: weave_map(args.tasks), args.tasks)
-    own = min(timed(lambda: work(7), 1) for _ in range(200)) * 1e6
+    weave_cpu = cpu_per_task(lambda: weave_map(args.tasks, steps), args.tasks)
+    own = min(timed(lambda: work(7, steps), 1) for _ in range(200)) * 1e6
 
     later = [timed(lambda: one_task("heavy"), 1) for _ in range(50)]
     local = [timed(lambda: one_task("default"), 1) for _ in range(50)]
@@ -129,6 +145,8 @@ def main() -> None:
     print(f"  ProcessPoolExecutor.map   {pooled:8.3f} s")
     print(f"  weave on 'process'        {woven:8.3f} s")
     print(f"  ratio of each pair        {statistics.median(ratios):.2f}x (from {ratios[0]:.2f}x to {ratios[-1]:.2f}x)")
+    if tcp_ratios:
+        print(f"  workers calling over TCP  {statistics.median(tcp_ratios):.2f}x (the same pairs' pool times)")
     print()
     print(f"CPU per task, in microseconds (the task itself: {own:.0f}; runtime loop: {runtime_loop_kind()})")
     for title, spent in (("ProcessPoolExecutor", pool_cpu), ("weave on 'process'", weave_cpu)):

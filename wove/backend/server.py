@@ -284,7 +284,7 @@ class BackendCallbackServer:
 
         The same URLs, credentials and TLS apply. The socket lives in a new private directory (mode 0700), so only
         this user can connect, and both go at :meth:`stop`. A frame over a Unix socket skips the kernel's loopback
-        TCP, which costs both sides more than the HTTP exchange itself on small frames. Raises
+        TCP stack, a sizeable part of what a small frame costs both sides. Raises
         :class:`BackendUnavailableError` when the server is not started or the platform has no Unix sockets.
         """
         if self._runner is None:

@@ -91,7 +91,7 @@ class BackendAdapter(abc.ABC):
     inline_payload_limit: ClassVar[int | None] = 32 * 1024
     #: True when every worker is a process of this user on this machine (the ``process`` pool): the executor then
     #: also serves callbacks on a private Unix socket, named in each payload as ``callback_socket`` (workers fall
-    #: back to the callback URL when they cannot reach it). Loopback TCP costs more than the HTTP on small frames.
+    #: back to the callback URL when they cannot reach it), which skips the kernel's loopback TCP stack.
     local_workers: ClassVar[bool] = False
 
     def __init__(
