@@ -10,7 +10,7 @@ Cases, side by side in one run:
   * A weave with one trivial remote task on a started environment: the first weave (which starts the
     environment) and the median of the following ones; and the same weave with a local task, for reference.
 
-Run: python benchmarks/process_backend.py [--tasks 1000] [--repeat 9] [--steps 2000] [--tcp]
+Run: python benchmarks/process_backend.py [--tasks 1000] [--repeat 9] [--steps 2000] [--tcp] [--bare]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import psutil
+from process_floor import BarePipeline
 
 import wove
 from wove import weave
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="size of each task (loop iterations)")
     parser.add_argument("--tcp", action="store_true", help="also run a pool whose workers call back over TCP")
+    parser.add_argument("--bare", action="store_true", help="also run the bare pipeline of process_floor.py")
     args = parser.parse_args()
     pool_config = {"workers": args.workers, "min_workers": args.workers}
     wove.config(
@@ -121,7 +123,11 @@ def main() -> None:
     task = functools.partial(work, steps=steps)
     if args.tcp:
         weave_map(args.workers * 4, steps, "heavy-tcp")
+    bare = BarePipeline(args.workers, "process_backend:work") if args.bare else None
+    if bare is not None:
+        assert bare.map((i, steps) for i in range(10)) == [work(i, steps) for i in range(10)]
     tcp_ratios: list[float] = []
+    bare_ratios: list[float] = []
     with ProcessPoolExecutor(args.workers) as pool:
         list(pool.map(task, range(args.workers * 4)))  # warm
         # Alternate the runners, so all see the same machine: other tenants' load comes and goes within seconds.
@@ -131,11 +137,19 @@ def main() -> None:
             pairs.append((pooled_once, timed(lambda: weave_map(args.tasks, steps), 1)))
             if args.tcp:
                 tcp_ratios.append(timed(lambda: weave_map(args.tasks, steps, "heavy-tcp"), 1) / pooled_once)
+            if bare is not None:
+                bare_ratios.append(timed(lambda: bare.map((i, steps) for i in range(args.tasks)), 1) / pooled_once)
         pool_cpu = cpu_per_task(lambda: list(pool.map(task, range(args.tasks))), args.tasks)
     pooled = statistics.median(p for p, _ in pairs)
     woven = statistics.median(w for _, w in pairs)
     ratios = sorted(w / p for p, w in pairs)
     weave_cpu = cpu_per_task(lambda: weave_map(args.tasks, steps), args.tasks)
+    runners = [("ProcessPoolExecutor", pool_cpu), ("weave on 'process'", weave_cpu)]
+    if bare is not None:
+        runners.append(
+            ("bare pipeline", cpu_per_task(lambda: bare.map((i, steps) for i in range(args.tasks)), args.tasks))
+        )
+        bare.close()
     own = min(timed(lambda: work(7, steps), 1) for _ in range(200)) * 1e6
 
     later = [timed(lambda: one_task("heavy"), 1) for _ in range(50)]
@@ -147,9 +161,11 @@ def main() -> None:
     print(f"  ratio of each pair        {statistics.median(ratios):.2f}x (from {ratios[0]:.2f}x to {ratios[-1]:.2f}x)")
     if tcp_ratios:
         print(f"  workers calling over TCP  {statistics.median(tcp_ratios):.2f}x (the same pairs' pool times)")
+    if bare is not None:
+        print(f"  bare pipeline             {statistics.median(bare_ratios):.2f}x (the same pairs' pool times)")
     print()
     print(f"CPU per task, in microseconds (the task itself: {own:.0f}; runtime loop: {runtime_loop_kind()})")
-    for title, spent in (("ProcessPoolExecutor", pool_cpu), ("weave on 'process'", weave_cpu)):
+    for title, spent in runners:
         parts = ", ".join(f"{name} {us:.0f}" for name, us in sorted(spent.items(), key=lambda kv: -kv[1]))
         print(f"  {title:<20} total {sum(spent.values()):5.0f}: {parts}")
     print()
