@@ -117,14 +117,18 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
         if offer_socket:
             self.callback_socket = await self._listen_locally(self.server)
         self._pump = self._loop.create_task(self._pump_frames())
-        self.adapter = adapter_class(
-            name=self.name,
-            config=config,
-            callback_url=self.server.public_url,
-            run_config=run_config,
-            on_event=self._on_adapter_event,
-        )
-        await self.adapter.start()
+        try:
+            self.adapter = adapter_class(
+                name=self.name,
+                config=config,
+                callback_url=self.server.public_url,
+                run_config=run_config,
+                on_event=self._on_adapter_event,
+            )
+            await self.adapter.start()
+        except BaseException:  # a bad adapter option, an unreachable backend: leave nothing listening
+            await self.stop()
+            raise
         logger.debug("environment %r: %r started, callbacks at %s", self.name, self.adapter, self.server.public_url)
 
     async def _listen_locally(self, server: BackendCallbackServer) -> str | None:
