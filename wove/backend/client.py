@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import array
 import contextlib
+import json
 import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
+from wove.backend.batch import batch_path, encode_batch
 from wove.backend.codec import EncodedFrame, encode_frame
 from wove.backend.delivery import (
     Attempts,
@@ -37,7 +39,7 @@ from wove.backend.delivery import (
 from wove.backend.wire import COALESCE, READ_SIZE, Answer, host_header, request_parts
 from wove.errors import CallbackError
 
-__all__ = ["CallbackConnection", "post_event"]
+__all__ = ["CallbackConnection", "HeldFrame", "post_event"]
 
 
 class _Wire:
@@ -144,6 +146,14 @@ def _set_kernel_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
+class HeldFrame(NamedTuple):
+    """A frame encoded and held for :meth:`CallbackConnection.post_many`: its run's callback URL and the frame."""
+
+    url: str
+    frame: Mapping[str, Any]
+    encoded: EncodedFrame
+
+
 class _Owed:
     """A frame whose answer has not been read yet: what is needed to read it, or to send the frame again."""
 
@@ -183,10 +193,15 @@ class CallbackConnection:
     def __init__(self, callback_url: str, *, deadline: float | None = None, unix_socket: str | None = None) -> None:
         self.url = callback_url
         self._target = parse_target(callback_url)
-        self._unix_socket = unix_socket
+        self.unix_socket = unix_socket
         self._key = (*self._target[:3], unix_socket)
         self._deadline = deadline_seconds(deadline)
         self._wire = _pool().pop(self._key, None)
+
+    @property
+    def route(self) -> tuple[str, str, int, str | None]:
+        """Where this connection goes (scheme, host, port, Unix socket): frames with the same route share one."""
+        return self._key
 
     def __enter__(self) -> CallbackConnection:
         return self
@@ -211,11 +226,16 @@ class CallbackConnection:
                 self._wire.close()
             self._wire = None
 
-    def post(self, frame: Mapping[str, Any], *, deadline: float | None = None) -> None:
-        """Deliver one event frame, retrying until the deadline; frames above the server's limit go in parts."""
+    def post(
+        self, frame: Mapping[str, Any], *, deadline: float | None = None, encoded: EncodedFrame | None = None
+    ) -> None:
+        """Deliver one event frame, retrying until the deadline; frames above the server's limit go in parts.
+
+        ``encoded``: the frame already encoded (:func:`~wove.backend.codec.encode_frame`), when the caller has it.
+        """
         self.settle()
         exchange = Exchange(self.url, describe(frame), frame)
-        encoded, path = encode_frame(frame), self._target.path
+        encoded, path = encoded or encode_frame(frame), self._target.path
         part = upload_part(encoded, path, None, exchange)
         for _ in range(3):  # whole, in parts, in the smaller parts the server asked for
             try:
@@ -261,6 +281,40 @@ class CallbackConnection:
         exchange = Exchange(owed.url, describe(owed.frame), owed.frame)
         self._request("POST", parse_target(owed.url).path, owed.encoded, exchange, None, sent=True)
 
+    def post_many(self, held: Sequence[HeldFrame]) -> list[CallbackError | None]:
+        """Deliver frames of several runs of this server in one request (:mod:`wove.backend.batch`).
+
+        Each frame travels with its own run URL's path and credential and is checked by the server on its own, as
+        :meth:`post` would have it checked. The request is retried like a post (the server drops what it already
+        has). A server that takes no batch (400, 404, 405, 413, 415) gets the frames one by one instead. Returns, per
+        frame, ``None`` or the :class:`CallbackError` that frame met.
+        """
+        self.settle()
+        paths = [parse_target(item.url).path for item in held]
+        if len(held) == 1:
+            return [self._post_alone(held[0], paths[0])]
+        exchange = Exchange(self.url, f"a batch of {len(held)} frames", None)
+        body = encode_batch([(path, item.encoded) for path, item in zip(paths, held, strict=True)])
+        try:
+            results = _batch_results(self._request("POST", batch_path(self._target.path), body, exchange, None), held)
+        except CallbackError as exc:
+            if exc.status not in _NO_BATCH:
+                return [exc] * len(held)
+            results = None
+        if results is None:  # no batch here: one by one
+            return [self._post_alone(item, path) for item, path in zip(held, paths, strict=True)]
+        return [
+            self._post_alone(item, path) if error is _AGAIN else error
+            for item, path, error in zip(held, paths, results, strict=True)
+        ]
+
+    def _post_alone(self, item: HeldFrame, path: str) -> CallbackError | None:
+        try:
+            self._request("POST", path, item.encoded, Exchange(item.url, describe(item.frame), item.frame), None)
+        except CallbackError as exc:
+            return exc
+        return None
+
     def fetch_blob(self, ref: str) -> bytearray:
         """Download a payload blob stored on the callback server for this run."""
         self.settle()
@@ -277,7 +331,7 @@ class CallbackConnection:
 
     def _connection(self, timeout: float) -> _Wire:
         if self._wire is None:
-            self._wire = _Wire(self._target, timeout, self._unix_socket)
+            self._wire = _Wire(self._target, timeout, self.unix_socket)
         else:
             self._wire.set_timeout(timeout)
         return self._wire
@@ -314,7 +368,7 @@ class CallbackConnection:
                 if not wire.open:
                     self._drop()
                 if 200 <= status < 300:
-                    return data if method == "GET" else None
+                    return data
                 if status != 429 and status < 500:
                     exchange.refused(status, bytes(data))
                     return None
@@ -334,6 +388,39 @@ class CallbackConnection:
                 raise exchange.gave_up(attempts)
             logger().debug("retrying %s in %.3fs after %s", exchange.what, wait, attempts.last)
             time.sleep(wait)
+
+
+#: Answers of a server that takes no batch: an older one, one whose body limit is below the batch, or a malformed one.
+_NO_BATCH = frozenset({400, 404, 405, 413, 415})
+
+
+#: An entry the server could not take for now (429, 5xx): posted again on its own, with retries.
+_AGAIN = CallbackError("posted again on its own")
+
+
+def _batch_results(answer: bytearray | None, held: Sequence[HeldFrame]) -> list[CallbackError | None] | None:
+    """Per entry: ``None`` (taken), the error it met, or ``_AGAIN``; ``None`` when the answer is not a batch's."""
+    try:
+        results = json.loads(answer or b"")
+    except ValueError:
+        return None
+    if not isinstance(results, list) or len(results) != len(held) or not all(isinstance(r, dict) for r in results):
+        return None
+    return [_entry_error(item, result) for item, result in zip(held, results, strict=True)]
+
+
+def _entry_error(item: HeldFrame, result: dict[str, Any]) -> CallbackError | None:
+    """``None`` for an accepted (or duplicate) entry, else the error a post of it alone would have raised."""
+    code = result.get("code")
+    if result.get("status") in ("accepted", "duplicate") or type(code) is not int:
+        return None
+    if code == 429 or code >= 500:
+        return _AGAIN
+    try:
+        Exchange(item.url, describe(item.frame), item.frame).refused(code, json.dumps(result).encode())
+    except CallbackError as exc:
+        return exc
+    return None
 
 
 def post_event(callback_url: str, frame: Mapping[str, Any], *, timeout: float | None = None) -> None:

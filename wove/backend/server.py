@@ -6,6 +6,7 @@ URLs (any path prefix before ``/wove/`` is ignored, so a reverse proxy may add o
     POST /wove/runs/<run_id>/<credential>              run URL: frames of that pending run only
     GET  /wove/runs/<run_id>/<credential>/blobs/<ref>  a by-reference payload body of that run
     POST /wove/runs/<run_id>/<credential>/upload?offset=&total=   one part of a frame larger than max_body_size
+    POST /wove/batch                                   frames of several runs, each with its run URL's path
 
 No request body may exceed ``max_body_size`` (413 with ``limit``, checked against Content-Length and while
 streaming, never buffered whole). A larger frame reaches a run URL in parts written straight into one buffer of its
@@ -18,6 +19,10 @@ Every refusal happens before anything in the body is unpickled and answers JSON 
 413 ``body_too_large`` / ``frame_too_large``, 400 for malformed bodies (``bad_json``, ``bad_base64``, ``bad_pickle``,
 ``bad_envelope``, ``bad_frame``, ``unknown_type``, ``missing_run_id``, ``incomplete_body``, ``bad_upload``,
 ``upload_incomplete``).
+
+A batch (:mod:`wove.backend.batch`) answers 200 with one result per entry; each entry is checked like a post to its
+run URL (401, 403, 400 ... in its own result, nothing of a refused entry unpickled). A malformed batch is 400
+``bad_batch``, and 415 ``bad_content_type`` when it is not sent as a batch.
 
 The same URLs may also be served on a Unix socket (:meth:`BackendCallbackServer.listen_unix`) for workers on this
 host.
@@ -49,6 +54,7 @@ from aiohttp import StreamReader, web
 
 from wove._types import TERMINAL_EVENTS, Frame
 from wove.backend import codec
+from wove.backend.batch import BATCH_CONTENT_TYPE, split_batch
 from wove.backend.credentials import new_secret, new_token, run_credential, same_secret, verify_run_credential
 from wove.backend.delivery import UPLOAD_HEADER
 from wove.backend.streams import read_stream
@@ -78,6 +84,8 @@ _TOKEN = re.compile(r"[A-Za-z0-9_.~-]+")
 _JSON = {"Content-Type": "application/json"}
 _ACCEPTED = b'{"status":"accepted"}'
 _DUPLICATE = b'{"status":"duplicate"}'
+_ACCEPTED_ENTRY = {"status": "accepted"}
+_DUPLICATE_ENTRY = {"status": "duplicate"}
 
 
 class _Refusal(Exception):
@@ -168,6 +176,8 @@ def _route(raw_path: str) -> tuple[str, str, str, str] | None:
         return "run", unquote(seg[-2]), seg[-1], ""
     if len(seg) >= 4 and seg[-3] == "wove" and seg[-2] == "events":
         return "master", "", seg[-1], ""
+    if len(seg) >= 3 and seg[-2] == "wove" and seg[-1] == "batch":
+        return "batch", "", "", ""
     return None
 
 
@@ -389,6 +399,8 @@ class BackendCallbackServer:
                 raise _Refusal(405, "method_not_allowed")
             if kind == "upload":
                 return await self._accept_part(request, run_id, secret)
+            if kind == "batch":
+                return await self._accept_batch(request)
             return await self._accept(request, run_id if kind == "run" else None, secret)
         except _Refusal as refusal:
             log = logger.warning if refusal.status == 401 else logger.debug
@@ -419,6 +431,37 @@ class BackendCallbackServer:
         else:
             with self._reading(request.content):
                 body = await read_stream(request.content, request.content_length, self.max_body_size)
+        accepted = await self._take(run, content_type, body)
+        return web.Response(body=_ACCEPTED if accepted else _DUPLICATE, headers=_JSON)
+
+    async def _accept_batch(self, request: web.BaseRequest) -> web.Response:
+        """Frames of several runs in one body (:mod:`wove.backend.batch`), each taken as if posted on its own."""
+        if request.content_type != BATCH_CONTENT_TYPE:
+            raise _Refusal(415, "bad_content_type", f"a batch is sent as {BATCH_CONTENT_TYPE}")
+        with self._reading(request.content):
+            body = await read_stream(request.content, request.content_length, self.max_body_size)
+        try:
+            entries = split_batch(body)
+        except codec.FrameError as exc:
+            raise _Refusal(400, exc.reason, str(exc)) from None
+        answers: list[dict[str, Any]] = []
+        for path, content_type, frame_body in entries:
+            try:
+                route = _route(path)
+                if route is None or route[0] != "run":
+                    raise _Refusal(400, "bad_batch", "a batch entry is posted to a run URL")
+                _, run, secret, _ = route
+                self._authorise(run, secret)
+                accepted = await self._take(run, content_type, frame_body)
+                answers.append(_ACCEPTED_ENTRY if accepted else _DUPLICATE_ENTRY)
+            except _Refusal as refusal:
+                if refusal.status == 401:
+                    logger.warning("refused a batch entry: %s", refusal.reason)
+                answers.append({"code": refusal.status, "error": refusal.reason})
+        return web.json_response(answers)
+
+    async def _take(self, run: str | None, content_type: str, body: bytes | bytearray) -> bool:
+        """Decode, check and hand on one authorised frame; ``False`` when it is a duplicate to acknowledge only."""
         big = len(body) > OFFLOAD_BYTES
         try:
             if big:
@@ -431,14 +474,14 @@ class BackendCallbackServer:
         if run is not None and run_id != run:
             raise _Refusal(403, "run_mismatch", "frame run_id differs from the run of its URL")
         if not self._check_open(run, run_id):
-            return web.Response(body=_DUPLICATE, headers=_JSON)
+            return False
         self._check_execution(header, run_id)
         try:
             frame = await asyncio.to_thread(codec.load_frame, header, parts) if big else codec.load_frame(header, parts)
         except codec.FrameError as exc:
             raise _Refusal(400, exc.reason, str(exc)) from None
         if not self._check_open(run, run_id):  # state may have changed while unpickling in a thread
-            return web.Response(body=_DUPLICATE, headers=_JSON)
+            return False
         kind = frame["type"]
         if kind in TERMINAL_EVENTS:
             self._forget_state(run_id)
@@ -456,7 +499,7 @@ class BackendCallbackServer:
         else:
             assert self._queue is not None
             self._queue.put_nowait(frame)
-        return web.Response(body=_ACCEPTED, headers=_JSON)
+        return True
 
     async def _accept_part(self, request: web.BaseRequest, run: str, secret: str) -> web.Response:
         """Store one part of a frame too large for one request; the frame's own request names the total."""
