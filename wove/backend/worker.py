@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import logging
 
     from wove.backend.aclient import AsyncCallbackConnection
+    from wove.backend.outbox import Outbox
     from wove.tracing import WorkerSpan
 
 __all__ = ["run_backend_payload", "run_backend_payload_async"]
@@ -248,7 +249,14 @@ class RunTrace:
         self.task_exception: BaseException | None = None
 
 
-def run_payload(payload: Mapping[str, Any], trace: RunTrace, *, start: str = START_WAIT, sigterm: bool = True) -> Any:
+def run_payload(
+    payload: Mapping[str, Any],
+    trace: RunTrace,
+    *,
+    start: str = START_WAIT,
+    sigterm: bool = True,
+    outbox: Outbox | None = None,
+) -> Any:
     """:func:`run_backend_payload`, recording in ``trace`` the exception the task itself raised (if any).
 
     ``start`` says how ``task_started`` goes out:
@@ -268,6 +276,10 @@ def run_payload(payload: Mapping[str, Any], trace: RunTrace, *, start: str = STA
     right there instead of on a helper thread (tens of microseconds a run). For engines that end their workers
     themselves and tell the adapter (Ray); an exception their handler raises into the task still ends the run with
     ``task_cancelled``.
+
+    ``outbox`` (with ``"lazy"``): a run without heartbeats leaves its ``task_result`` or ``task_error`` there instead
+    of posting it, for its owner to flush together with other runs' (:mod:`wove.backend.outbox`); a run that
+    outlasts the lazy start flushes it before its ``task_started`` goes out.
     """
     _refuse_running_loop()
     job = _Job(payload)
@@ -282,9 +294,9 @@ def run_payload(payload: Mapping[str, Any], trace: RunTrace, *, start: str = STA
             raise
         span = _continue_trace(job) if "trace_context" in payload else None
         if span is None:
-            return _SyncRun(job, conn, trace, start, sigterm).run(fn, kwargs)
+            return _SyncRun(job, conn, trace, start, sigterm, outbox).run(fn, kwargs)
         try:
-            return _SyncRun(job, conn, trace, start, sigterm).run(span.wrap(fn), kwargs)
+            return _SyncRun(job, conn, trace, start, sigterm, outbox).run(span.wrap(fn), kwargs)
         finally:
             span.abandon()  # a no-op unless the task never finished (SIGTERM, an interrupt)
 
@@ -317,10 +329,11 @@ def _post_quietly(conn: CallbackConnection, frame: Mapping[str, Any], deadline: 
 class _LazyStart:
     """A run whose ``task_started`` is posted only if it lasts (see :func:`run_payload`)."""
 
-    __slots__ = ("began", "done", "job", "lock", "posted", "started_at")
+    __slots__ = ("began", "done", "job", "lock", "outbox", "posted", "started_at")
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: _Job, outbox: Outbox | None) -> None:
         self.job = job
+        self.outbox = outbox
         self.began = time.monotonic()
         self.started_at = time.time()
         self.lock = threading.Lock()
@@ -367,8 +380,8 @@ class _StartWatchdog:
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
 
-    def watch(self, job: _Job) -> _LazyStart:
-        lazy = _LazyStart(job)
+    def watch(self, job: _Job, outbox: Outbox | None) -> _LazyStart:
+        lazy = _LazyStart(job, outbox)
         self.current = lazy
         if not self.wake.is_set():
             self.wake.set()
@@ -399,6 +412,8 @@ class _StartWatchdog:
                 continue
             idle = 0
             if not lazy.done and time.monotonic() - lazy.began >= LAZY_START_AFTER:
+                if lazy.outbox is not None:  # earlier runs' outcomes need not wait for this long one
+                    lazy.outbox.flush()
                 lazy.post_started()
 
 
@@ -409,9 +424,16 @@ class _SyncRun:
     """One run of a payload in this thread, with heartbeats and (in the main thread) SIGTERM handling."""
 
     def __init__(
-        self, job: _Job, conn: CallbackConnection, trace: RunTrace, start: str = START_WAIT, sigterm: bool = True
+        self,
+        job: _Job,
+        conn: CallbackConnection,
+        trace: RunTrace,
+        start: str = START_WAIT,
+        sigterm: bool = True,
+        outbox: Outbox | None = None,
     ) -> None:
         self.job = job
+        self.outbox = outbox
         self.sigterm = sigterm
         self.conn = conn
         self.trace = trace
@@ -428,7 +450,7 @@ class _SyncRun:
         lazy: _LazyStart | None = None
         try:
             if self.start == START_LAZY and not self.beating and not self.handling:
-                lazy = _watchdog.watch(self.job)
+                lazy = _watchdog.watch(self.job, self.outbox)
             elif self.start != START_WAIT:
                 self.conn.post_unanswered(self.job.started())
             else:
@@ -442,6 +464,8 @@ class _SyncRun:
                 _post_quietly(self.conn, self.job.frame("task_cancelled"), self._cancel_deadline())
                 raise
             _end_lazy_start(self.job, lazy)
+            if lazy is None:
+                self.outbox = None  # a run that posts its start itself posts its outcome itself too
             if outcome is None:
                 _post_quietly(self.conn, self.job.frame("task_cancelled"), self._cancel_deadline())
                 self._uninstall()
@@ -454,11 +478,11 @@ class _SyncRun:
 
     def _report(self, outcome: _Outcome) -> Any:
         if not outcome.ok:
-            self.conn.post(self.job.failed(outcome.value, "task"))
+            self._post_outcome(self.job.failed(outcome.value, "task"))
             self.trace.task_exception = outcome.value
             raise outcome.value
         try:
-            self.conn.post(self.job.frame("task_result", result=outcome.value))
+            self._post_outcome(self.job.frame("task_result", result=outcome.value))
         except PayloadError as exc:  # the result cannot be pickled
             self.conn.post(self.job.failed(exc, "worker"))
             raise
@@ -466,6 +490,12 @@ class _SyncRun:
             self._uninstall()
             signal.raise_signal(signal.SIGTERM)
         return outcome.value
+
+    def _post_outcome(self, frame: Mapping[str, Any]) -> None:
+        if self.outbox is not None:
+            self.outbox.deliver(self.conn, frame)
+        else:
+            self.conn.post(frame)
 
     def _execute(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> _Outcome | None:
         """Run the callable; ``None`` when SIGTERM ended the wait."""

@@ -6,14 +6,26 @@ Celery or Slurm worker would; the pipe only tells the pool when a worker is free
 than ``multiprocessing``) are used because spawning never re-imports the user's ``__main__`` module and because a
 pipe write to an already-warm worker is the cheapest hand-off there is.
 
-A worker is free again once its run's terminal frame has reached the executor, which tells the pool
-(``run_ended``); the next payload is written then, while the worker is still reading the server's answer. So a
-run costs the pool one pipe write and no pipe read. The worker writes ``free`` itself only when a run ended
-without a terminal frame (its payload could not load, or its outcome could not be delivered).
+While runs are short (the median of the last few under ``PREFETCH_BELOW`` seconds), a worker holds up to
+``prefetch`` runs at a time: the one it runs and the next ones, waiting in its pipe. Longer runs go out one per
+worker, so a run never waits behind a long one while another worker idles. A run is over for the pool once its
+terminal frame has reached the executor, which tells the pool (``run_ended``); when a worker holds half its
+``prefetch`` or fewer, the pool tops it up with one pipe write. The worker, in turn, posts
+the outcomes of consecutive short runs together (pipelined requests on one connection, each with its own run's
+credential), so a burst of small tasks costs a round trip per few runs on both sides instead of one per run. The
+worker writes ``free`` itself only when a run ended without a terminal frame (its payload could not load, or its
+outcome could not be delivered).
+
+Taking a run back (a cancel, or a run the weave gave up on): a worker that holds only that run is killed, as
+before. One that holds others is asked first (``recall``): a run still waiting is dropped without killing anyone;
+a running one makes the worker post what it holds and start nothing more, then it is killed and the runs it had not
+started go back to the front of the queue. A worker that dies on its own takes the runs it held with it: each is
+reported lost (``DeliveryLostError``; the task's ``retries`` decide), as a started run always was.
 
 Config keys (``executor_config``): ``max_workers``/``workers`` (pool size, default ``os.cpu_count()``),
-``min_workers`` (started eagerly by ``start``, default 1), ``python`` (interpreter, default this one),
-``env`` (extra environment variables for workers).
+``min_workers`` (started eagerly by ``start``, default 1), ``prefetch`` (runs a worker holds at a time, default
+``PREFETCH``; ``1`` hands out one run at a time, for long tasks of uneven length), ``python`` (interpreter,
+default this one), ``env`` (extra environment variables for workers).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,6 +53,14 @@ logger = logging.getLogger("wove.integrations.process")
 MAX_STARTUP_FAILURES = 3
 #: Seconds an idle worker gets to exit on its own at ``close`` before it is killed.
 EXIT_GRACE = 2.0
+#: Runs a worker holds at a time by default (``prefetch``), while runs are short.
+PREFETCH = 16
+#: Runs taking less than this many seconds are short: saving a round trip per run is worth a prefetch.
+PREFETCH_BELOW = 0.005
+#: How many of the last runs' times decide whether runs are short.
+RUN_TIME_WINDOW = 8
+#: Seconds a worker gets to answer a recall before it is killed (its other runs are then reported lost).
+RECALL_TIMEOUT = 5.0
 
 _BOOTSTRAP = (
     "import json, sys; paths = json.loads(sys.argv[1]); "
@@ -72,8 +93,12 @@ class _Job:
 @dataclass(eq=False)
 class _Worker:
     process: asyncio.subprocess.Process
+    exited: asyncio.Future[int]  # set with the exit code once the pool has accounted for it
     ready: bool = False
-    job: _Job | None = None  # the run it was given and has not finished
+    jobs: dict[str, _Job] = field(default_factory=dict)  # the runs handed to it and not over, in order
+    recalls: int = 0  # recalls awaiting an answer: it gets no new runs meanwhile
+    since: float = 0.0  # when the run it is on began to occupy it (handed over idle, or the previous one ended)
+    doomed: bool = False  # killed, or about to be
     reader: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -99,10 +124,13 @@ class ProcessAdapter(BackendAdapter):
         super().__init__(**kwargs)
         self.max_workers = _pool_size(self.config)
         self.min_workers = min(self.max_workers, _int_option(self.config, "min_workers", 1, minimum=0))
+        self.prefetch = _int_option(self.config, "prefetch", PREFETCH)
+        #: Seconds the last runs occupied their workers (a median of them: a cold first run is not typical).
+        self._run_times: collections.deque[float] = collections.deque(maxlen=RUN_TIME_WINDOW)
         self._queue: collections.deque[_Job] = collections.deque()
         self._jobs: dict[str, _Job] = {}
         self._workers: set[_Worker] = set()
-        self._idle: collections.deque[_Worker] = collections.deque()
+        self._recalls: dict[str, tuple[_Worker, asyncio.Future[None], asyncio.TimerHandle]] = {}
         self._spawning = 0
         self._spawners: set[asyncio.Task[None]] = set()
         self._startup_failures = 0
@@ -138,17 +166,18 @@ class ProcessAdapter(BackendAdapter):
         return ProcessSubmission(run_id)
 
     async def cancel(self, run_id: str, submission: Any, frame: Frame) -> None:
-        """Drop a queued run; kill the worker running a started one (a replacement is spawned)."""
-        worker = self._stop_run(run_id, "cancel")
-        if worker is not None:
-            await worker.process.wait()
+        """Drop a queued run; stop a started one by killing its worker (a replacement is spawned). Returns once
+        the run can no longer run."""
+        stopped = self._stop_run(run_id, "cancel")
+        if stopped is not None:
+            await stopped
 
     def run_abandoned(self, run_id: str) -> None:
         """The weave gave up on the run (its worker went silent): kill that worker so the pool gets its slot back."""
         self._stop_run(run_id, "release the abandoned")
 
-    def _stop_run(self, run_id: str, why: str) -> _Worker | None:
-        """Drop a queued run, or kill the worker running it; returns that worker."""
+    def _stop_run(self, run_id: str, why: str) -> asyncio.Future[Any] | None:
+        """Take a run back from the queue or from its worker; a future that is done once it can no longer run."""
         job = self._jobs.get(run_id)
         if job is None or job.ended:
             return None
@@ -158,27 +187,83 @@ class ProcessAdapter(BackendAdapter):
             self._jobs.pop(run_id, None)
             self._queue.remove(job)
             return None
-        if worker.job is not job:
+        if run_id not in worker.jobs:
             return None  # it ended meanwhile: nothing left to stop
-        logger.debug("killing worker %d to %s run %s", worker.pid, why, run_id)
+        if len(worker.jobs) == 1 or worker.doomed:
+            logger.debug("killing worker %d to %s run %s", worker.pid, why, run_id)
+            self._doom(worker)
+            return worker.exited
+        return self._recall(worker, run_id)
+
+    def _recall(self, worker: _Worker, run_id: str) -> asyncio.Future[None]:
+        """Ask ``worker`` for a run it holds along with others (see the module's docstring)."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        overdue = loop.call_later(RECALL_TIMEOUT, self._recall_overdue, worker, run_id)
+        self._recalls[run_id] = (worker, answered, overdue)
+        worker.recalls += 1
+        self._write(worker, _encode_line({"op": "recall", "run_id": run_id}).encode() + b"\n")
+        return answered
+
+    def _recalled(self, worker: _Worker, message: dict[str, Any]) -> None:
+        run_id = str(message.get("run_id"))
+        entry = self._recalls.pop(run_id, None)
+        if entry is None:
+            return
+        _, answered, overdue = entry
+        overdue.cancel()
+        worker.recalls -= 1
+        if message.get("state") != "running":  # dropped before it started, or already over
+            job = worker.jobs.pop(run_id, None)
+            if job is not None and self._jobs.get(run_id) is job:
+                del self._jobs[run_id]
+            answered.set_result(None)
+            self._dispatch()
+            return
+        held = [worker.jobs.pop(str(held_id)) for held_id in message.get("held") or () if str(held_id) in worker.jobs]
+        for job in reversed(held):  # never started: first in line again, on another worker
+            job.worker = None
+            if job.cancelled:
+                self._jobs.pop(job.run_id, None)
+            else:
+                self._queue.appendleft(job)
+        logger.debug("killing worker %d to stop run %s (%d held runs requeued)", worker.pid, run_id, len(held))
+        self._doom(worker)
+        worker.exited.add_done_callback(lambda _: _resolve(answered))
+        self._dispatch()
+
+    def _recall_overdue(self, worker: _Worker, run_id: str) -> None:
+        entry = self._recalls.pop(run_id, None)
+        if entry is not None:
+            worker.recalls -= 1
+            logger.warning("worker %d did not answer a recall of run %s in time: killing it", worker.pid, run_id)
+            self._doom(worker)
+            worker.exited.add_done_callback(lambda _: _resolve(entry[1]))
+
+    def _doom(self, worker: _Worker) -> None:
+        worker.doomed = True
         _kill(worker.process)
-        return worker
 
     def run_ended(self, run_id: str) -> None:
-        """The executor saw the run's terminal frame: the worker that ran it is free for the next payload."""
+        """The executor saw the run's terminal frame: its worker may take another payload."""
         job = self._jobs.pop(run_id, None)
         if job is None:
             return
         job.ended = True
         worker = job.worker
-        if worker is not None and worker.job is job:
-            self._release(worker)
-
-    def _release(self, worker: _Worker) -> None:
-        worker.job = None
-        if worker.process.returncode is None and worker in self._workers and worker not in self._idle:
-            self._idle.append(worker)
+        if worker is None or worker.jobs.pop(run_id, None) is None:
+            return
+        now = time.monotonic()
+        self._run_times.append(now - worker.since)
+        worker.since = now
+        if len(worker.jobs) <= self._holding() // 2:
             self._dispatch()
+
+    def _holding(self) -> int:
+        """How many runs a worker may hold now: ``prefetch`` while runs are short, else one."""
+        times = self._run_times
+        short = bool(times) and sorted(times)[len(times) // 2] < PREFETCH_BELOW
+        return self.prefetch if short else 1
 
     async def close(self) -> None:
         """Stop every worker: idle ones exit when their input closes, busy ones are killed."""
@@ -188,7 +273,7 @@ class ProcessAdapter(BackendAdapter):
         await asyncio.gather(*self._spawners, return_exceptions=True)
         workers = list(self._workers)
         for worker in workers:
-            if worker.job is not None or not worker.ready:
+            if worker.jobs or not worker.ready:
                 _kill(worker.process)
             elif worker.process.stdin is not None:
                 worker.process.stdin.close()
@@ -208,30 +293,57 @@ class ProcessAdapter(BackendAdapter):
         return tuple(sorted(w.pid for w in self._workers if w.process.returncode is None))
 
     def running_pid(self, run_id: str) -> int | None:
-        """Process id of the worker running ``run_id``, or None while it is queued or finished."""
+        """Process id of the worker holding ``run_id`` (running it, or about to), or None while it is queued in the
+        pool or finished."""
         job = self._jobs.get(run_id)
         return job.worker.pid if job is not None and job.worker is not None else None
 
     def _dispatch(self) -> None:
-        """Hand queued jobs to idle workers; grow the pool when jobs wait and there is room."""
-        while self._queue and self._idle:
-            worker = self._idle.popleft()
-            if worker.process.returncode is not None or worker not in self._workers:
-                continue
-            job = self._queue.popleft()
-            self._assign(worker, job)
+        """Hand queued runs to workers, up to ``prefetch`` each and one pipe write per worker; grow the pool when
+        runs wait and there is room."""
+        if self._queue:
+            given: dict[_Worker, list[bytes]] = {}
+            limit = self._holding()
+            while self._queue:
+                worker = self._least_held(given, limit)
+                if worker is None:
+                    break
+                job = self._queue.popleft()
+                job.worker = worker
+                if not worker.jobs:
+                    worker.since = time.monotonic()
+                worker.jobs[job.run_id] = job
+                given.setdefault(worker, []).append(job.line)
+            for worker, lines in given.items():
+                self._write(worker, b"".join(lines))
         starting = self._spawning + sum(1 for w in self._workers if not w.ready)
         room = self.max_workers - len(self._workers) - self._spawning
         for _ in range(min(room, len(self._queue) - starting)):
             self._spawn_soon()
 
-    def _assign(self, worker: _Worker, job: _Job) -> None:
-        job.worker = worker
-        worker.job = job
+    def _least_held(self, given: dict[_Worker, list[bytes]], limit: int) -> _Worker | None:
+        """The ready worker with the fewest runs that may take another: below ``limit``, and either being topped
+        up in this round or down to half of it."""
+        best: _Worker | None = None
+        for worker in self._workers:
+            held = len(worker.jobs)
+            if (
+                worker.ready
+                and not worker.doomed
+                and not worker.recalls
+                and held < limit
+                and (held <= limit // 2 or worker in given)
+                and worker.process.returncode is None
+                and (best is None or held < len(best.jobs))
+            ):
+                best = worker
+        return best
+
+    def _write(self, worker: _Worker, data: bytes) -> None:
         stdin = worker.process.stdin
         assert stdin is not None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a dying worker: its reader reports it
-            stdin.write(job.line)
+            stdin.write(data)
 
     def _spawn_soon(self) -> None:
         if self._closed:
@@ -256,10 +368,10 @@ class ProcessAdapter(BackendAdapter):
             self._startup_failed("could not start a worker process")
             return
         self._spawning -= 1
-        worker = _Worker(process)
+        worker = _Worker(process, asyncio.get_running_loop().create_future())
         self._workers.add(worker)
         assert process.stdin is not None
-        init = {"op": "init", "entrypoint": self.worker_entrypoint}
+        init = {"op": "init", "entrypoint": self.worker_entrypoint, "flush_every": max(self.prefetch // 2, 1)}
         process.stdin.write(json.dumps(init).encode() + b"\n")
         worker.reader = asyncio.get_running_loop().create_task(self._read(worker))
         if self._closed:
@@ -272,20 +384,22 @@ class ProcessAdapter(BackendAdapter):
         while line := await stdout.readline():
             message = json.loads(line)
             op = message.get("op")
-            job = worker.job
             if op == "free":  # the run ended without a terminal frame (run_ended never comes for it)
-                if job is not None and job.run_id == message.get("run_id"):
-                    self._release(worker)
+                if worker.jobs.pop(str(message.get("run_id")), None) is not None:
+                    self._dispatch()
             elif op == "undelivered":  # ... because its outcome could not be posted: tell the executor
                 self._lose(str(message.get("run_id")), "its worker could not deliver the outcome")
-            elif op == "done" and job is not None:  # a worker of an earlier wove: the run's events are posted
+            elif op == "recalled":
+                self._recalled(worker, message)
+            elif op == "done" and worker.jobs:  # a worker of an earlier wove: its oldest run's events are posted
+                job = worker.jobs.pop(next(iter(worker.jobs)))
                 if self._jobs.get(job.run_id) is job:
                     del self._jobs[job.run_id]
-                self._release(worker)
+                self._dispatch()
             elif op == "ready":
                 worker.ready = True
                 self._startup_failures = 0
-                self._release(worker)
+                self._dispatch()
         code = await worker.process.wait()
         self._worker_exited(worker, code)
 
@@ -298,15 +412,23 @@ class ProcessAdapter(BackendAdapter):
 
     def _worker_exited(self, worker: _Worker, code: int) -> None:
         self._workers.discard(worker)
-        job, worker.job = worker.job, None
+        jobs = list(worker.jobs.values())
+        worker.jobs.clear()
+        for run_id, (recalled, answered, overdue) in list(self._recalls.items()):
+            if recalled is worker:
+                del self._recalls[run_id]
+                overdue.cancel()
+                _resolve(answered)
+        worker.exited.set_result(code)
         if self._closed:
             return
-        if job is not None and not job.cancelled and not job.ended:
+        lost = [job for job in jobs if not job.cancelled and not job.ended]
+        for job in lost:
             self._jobs.pop(job.run_id, None)
             message = f"worker process {worker.pid} exited with code {code} while running the task"
             logger.warning("environment %r: %s (run %s)", self.name, message, job.run_id)
             self.report_lost({"run_id": job.run_id, "task_id": job.task_id}, message)
-        elif job is None:
+        if not jobs:
             logger.info("environment %r: worker process %d exited with code %d", self.name, worker.pid, code)
         if not worker.ready:
             self._startup_failed(f"worker process {worker.pid} exited with code {code} before it was ready")
@@ -342,6 +464,11 @@ class ProcessAdapter(BackendAdapter):
 
 
 _encode_line = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:

@@ -1,0 +1,137 @@
+"""The ``process`` pool's prefetch: short runs handed to a worker several at a time, and taking them back.
+
+Real worker processes and the real callback server, driven through the executor as the runtime drives it. Each test
+first runs a few short tasks, so the pool knows its runs are short and hands them out several at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from tests.integration.test_process_backend import Driver, add, nap, start_driver, wait_for, whoami
+from wove.environment.remote import BackendAdapterEnvironmentExecutor
+from wove.errors import ConfigError, DeliveryLostError
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for_file(path: str) -> int:
+    """Block until ``path`` exists (the test decides when a long run ends); return this worker's pid."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def touch(path: str) -> int:
+    Path(path).touch()
+    return os.getpid()
+
+
+@pytest.fixture
+async def one_worker() -> AsyncIterator[Driver]:
+    """A pool of one worker that may hold four runs, which already knows its runs are short."""
+    driver = await start_driver({"max_workers": 1, "prefetch": 4})
+    try:
+        for n in range(5):  # the first run is slow (imports); the pool judges by the median of the last few
+            assert (await driver.run(add, a=n, b=1))["result"] == n + 1
+        yield driver
+    finally:
+        await driver.close()
+
+
+async def test_short_runs_are_handed_out_several_at_a_time() -> None:
+    driver = await start_driver({"max_workers": 2, "prefetch": 4})
+    try:
+        for n in range(5):  # the first run is slow (imports); the pool judges by the median of the last few
+            await driver.run(add, a=n, b=0)
+        held = []
+        run_ids = []
+        for n in range(40):
+            run_ids.append(await driver.submit(add, a=n, b=n))
+            held.append(max((len(worker.jobs) for worker in driver.adapter._workers), default=0))
+        results = [(await driver.outcome(run_id))["result"] for run_id in run_ids]
+        assert results == [2 * n for n in range(40)]
+        assert max(held) > 1, "no worker ever held more than one run"
+        assert max(held) <= 4
+    finally:
+        await driver.close()
+
+
+async def test_outcomes_of_short_runs_do_not_wait_for_a_long_one(one_worker: Driver, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    short = await one_worker.submit(add, a=2, b=3)
+    long = await one_worker.submit(wait_for_file, path=str(release))
+    assert one_worker.adapter.running_pid(long) is not None  # both went to the worker together
+    assert (await one_worker.outcome(short, timeout=5))["result"] == 5
+    assert "task_result" not in one_worker.kinds(long), "the long run ended before it was released"
+    release.touch()
+    assert (await one_worker.outcome(long))["type"] == "task_result"
+
+
+async def test_recalling_a_waiting_run_leaves_its_worker_alone(one_worker: Driver, tmp_path: Path) -> None:
+    release, marker = tmp_path / "release", tmp_path / "ran"
+    long = await one_worker.submit(wait_for_file, path=str(release))
+    waiting = await one_worker.submit(touch, path=str(marker))
+    after = await one_worker.submit(whoami)
+    await one_worker.started(long)
+    pid = one_worker.adapter.running_pid(long)
+    assert pid is not None
+    await wait_for(lambda: one_worker.adapter.running_pid(waiting) == one_worker.adapter.running_pid(after) == pid)
+    await one_worker.executor.send({"type": "cancel_task", "run_id": waiting, "task_id": None})
+    assert (await one_worker.outcome(waiting, timeout=5))["type"] == "task_cancelled"
+    assert psutil.pid_exists(pid) and one_worker.adapter.worker_pids() == (pid,)
+    release.touch()
+    assert (await one_worker.outcome(long))["result"] == pid
+    assert (await one_worker.outcome(after))["result"] == pid
+    assert not marker.exists(), "the recalled run ran"
+
+
+async def test_cancelling_a_running_run_requeues_what_its_worker_held(one_worker: Driver) -> None:
+    long = await one_worker.submit(nap, seconds=60)
+    held = [await one_worker.submit(whoami) for _ in range(2)]
+    await one_worker.started(long)
+    pid = one_worker.adapter.running_pid(long)
+    assert pid is not None
+    await wait_for(lambda: {one_worker.adapter.running_pid(run_id) for run_id in held} == {pid})
+    await one_worker.executor.send({"type": "cancel_task", "run_id": long, "task_id": None})
+    assert (await one_worker.outcome(long, timeout=10))["type"] == "task_cancelled"
+    assert not psutil.pid_exists(pid)
+    pids = {(await one_worker.outcome(run_id, timeout=15))["result"] for run_id in held}
+    assert len(pids) == 1 and pid not in pids, "the held runs did not move to the replacement worker"
+
+
+async def test_a_worker_killed_while_holding_runs_reports_each_lost(one_worker: Driver) -> None:
+    long = await one_worker.submit(nap, seconds=60)
+    held = [await one_worker.submit(whoami) for _ in range(2)]
+    await one_worker.started(long)
+    pid = one_worker.adapter.running_pid(long)
+    assert pid is not None
+    await wait_for(lambda: {one_worker.adapter.running_pid(run_id) for run_id in held} == {pid})
+    os.kill(pid, signal.SIGKILL)
+    for run_id in [long, *held]:
+        lost = await one_worker.outcome(run_id, timeout=5)
+        assert lost["type"] == "task_error" and isinstance(lost["exception"], DeliveryLostError)
+    await wait_for(lambda: len(one_worker.adapter.worker_pids()) == 1 and pid not in one_worker.adapter.worker_pids())
+    assert (await one_worker.run(add, a=2, b=2))["result"] == 4
+
+
+async def test_prefetch_must_be_a_positive_integer_and_a_refused_start_leaves_nothing_listening() -> None:
+    for bad in (0, -1, "4", True):
+        executor = BackendAdapterEnvironmentExecutor("procs")
+        config = {"executor": "process", "executor_config": {"prefetch": bad}}
+        with pytest.raises(ConfigError, match="prefetch"):
+            await executor.start(environment_name="procs", environment_config=config, run_config={})
+        assert executor.server is not None and executor.callback_socket is not None
+        port = urlsplit(executor.server.public_url or "").port
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        assert not os.path.exists(executor.callback_socket)
