@@ -7,10 +7,14 @@ Cases, side by side in one run:
     timing in both), alternating pair by pair.
     Then one more round of each with CPU time taken per thread and per process: where each task's CPU goes
     (steadier than wall time on a shared machine, where other tenants take CPU and time).
+  * ``--one-at-a-time`` adds a pool that hands out one run per worker (``prefetch: 1``): what prefetching and
+    posting outcomes together buy; ``--tcp`` one whose workers call back over TCP; ``--bare`` the pipeline of
+    ``process_floor.py`` (one request per run, nothing of wove around it).
   * A weave with one trivial remote task on a started environment: the first weave (which starts the
     environment) and the median of the following ones; and the same weave with a local task, for reference.
 
-Run: python benchmarks/process_backend.py [--tasks 1000] [--repeat 9] [--steps 2000] [--tcp] [--bare]
+Run: python benchmarks/process_backend.py [--tasks 1000] [--repeat 9] [--steps 2000] [--tcp] [--one-at-a-time]
+     [--bare]
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=STEPS, help="size of each task (loop iterations)")
     parser.add_argument("--tcp", action="store_true", help="also run a pool whose workers call back over TCP")
+    parser.add_argument(
+        "--one-at-a-time", action="store_true", help="also run a pool that hands out one run per worker (prefetch 1)"
+    )
     parser.add_argument("--bare", action="store_true", help="also run the bare pipeline of process_floor.py")
     args = parser.parse_args()
     pool_config = {"workers": args.workers, "min_workers": args.workers}
@@ -110,6 +117,7 @@ def main() -> None:
             "default": {"executor": "local"},
             "heavy": {"executor": "process", "executor_config": pool_config},
             "heavy-tcp": {"executor": "process", "executor_config": {**pool_config, "callback_socket": False}},
+            "heavy-single": {"executor": "process", "executor_config": {**pool_config, "prefetch": 1}},
         },
     )
 
@@ -123,10 +131,13 @@ def main() -> None:
     task = functools.partial(work, steps=steps)
     if args.tcp:
         weave_map(args.workers * 4, steps, "heavy-tcp")
+    if args.one_at_a_time:
+        weave_map(args.workers * 4, steps, "heavy-single")
     bare = BarePipeline(args.workers, "process_backend:work") if args.bare else None
     if bare is not None:
         assert bare.map((i, steps) for i in range(10)) == [work(i, steps) for i in range(10)]
     tcp_ratios: list[float] = []
+    single_ratios: list[float] = []
     bare_ratios: list[float] = []
     with ProcessPoolExecutor(args.workers) as pool:
         list(pool.map(task, range(args.workers * 4)))  # warm
@@ -137,6 +148,8 @@ def main() -> None:
             pairs.append((pooled_once, timed(lambda: weave_map(args.tasks, steps), 1)))
             if args.tcp:
                 tcp_ratios.append(timed(lambda: weave_map(args.tasks, steps, "heavy-tcp"), 1) / pooled_once)
+            if args.one_at_a_time:
+                single_ratios.append(timed(lambda: weave_map(args.tasks, steps, "heavy-single"), 1) / pooled_once)
             if bare is not None:
                 bare_ratios.append(timed(lambda: bare.map((i, steps) for i in range(args.tasks)), 1) / pooled_once)
         pool_cpu = cpu_per_task(lambda: list(pool.map(task, range(args.tasks))), args.tasks)
@@ -161,6 +174,9 @@ def main() -> None:
     print(f"  ratio of each pair        {statistics.median(ratios):.2f}x (from {ratios[0]:.2f}x to {ratios[-1]:.2f}x)")
     if tcp_ratios:
         print(f"  workers calling over TCP  {statistics.median(tcp_ratios):.2f}x (the same pairs' pool times)")
+    if single_ratios:
+        single = statistics.median(single_ratios)
+        print(f"  one run per worker        {single:.2f}x (prefetch 1, the same pairs' pool times)")
     if bare is not None:
         print(f"  bare pipeline             {statistics.median(bare_ratios):.2f}x (the same pairs' pool times)")
     print()
