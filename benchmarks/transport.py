@@ -5,7 +5,8 @@ Sections (each prints a table):
 * ingest      frames/s the callback server takes from 1, 4 and 16 posting processes (``post_event``, one
               keep-alive connection each, run-scoped URLs), and how many frames were lost. Beside it, the same
               raw-socket posters against aiohttp's own low-level server with a handler that only reads the body
-              and answers: the most any aiohttp-based receiver can take on this machine.
+              and answers: the most any aiohttp-based receiver can take on this machine. And posters that send
+              eight frames a request (``CallbackConnection.post_many``, the batches ``process`` pool workers send).
 * roundtrip   payload built -> long-lived worker process -> ``task_result`` at ``recv()``; median and p99, for the
               sync entrypoint and the async one.
 * cold        ``python -m wove.backend_worker B64`` spawned per run until ``task_result`` at ``recv()``; beside it
@@ -56,6 +57,27 @@ print("ready", flush=True)
 sys.stdin.readline()
 for n in range(count):
     post_event(url, {"type": "heartbeat", "run_id": run_id, "task_id": n})
+"""
+
+#: Eight frames a request, as a ``process`` pool worker posts the outcomes of consecutive short runs.
+BATCH_POSTER = r"""
+import sys
+from wove.backend.client import CallbackConnection, HeldFrame
+from wove.backend.codec import encode_frame
+url, run_id, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def held(n):
+    frame = {"type": "heartbeat", "run_id": run_id, "task_id": n}
+    return HeldFrame(url, frame, encode_frame(frame))
+
+with CallbackConnection(url) as conn:
+    conn.post({"type": "task_started", "run_id": run_id})  # warm: connection open, imports done
+print("ready", flush=True)
+sys.stdin.readline()
+with CallbackConnection(url) as conn:
+    for start in range(0, count, 8):
+        errors = conn.post_many([held(n) for n in range(start, min(start + 8, count))])
+        assert not any(errors), errors
 """
 
 #: A minimal client (one write per request, no header parsing beyond Content-Length): measures the server alone.
@@ -239,6 +261,7 @@ async def ingest(quick: bool, python: str) -> None:
     total = 20_000 if quick else 60_000
     rows = []
     cases = [("post_event", POSTER, n) for n in (1, 4, 16)] + [("raw socket", RAW_POSTER, n) for n in (4, 16)]
+    cases += [("post_many, 8 a request", BATCH_POSTER, n) for n in (1, 4, 16)]
     cases += [("raw socket -> bare aiohttp", RAW_POSTER, n) for n in (4, 16)]
     for client, script, posters in cases:
         receiver = BareAiohttp() if "bare" in client else BackendCallbackServer()
