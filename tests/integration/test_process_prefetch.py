@@ -95,13 +95,19 @@ async def test_recalling_a_waiting_run_leaves_its_worker_alone(one_worker: Drive
     assert not marker.exists(), "the recalled run ran"
 
 
-async def test_cancelling_a_running_run_requeues_what_its_worker_held(one_worker: Driver) -> None:
-    long = await one_worker.submit(nap, seconds=60)
-    held = [await one_worker.submit(whoami) for _ in range(2)]
-    await one_worker.started(long)
-    pid = one_worker.adapter.running_pid(long)
+async def _long_run_holding_two(driver: Driver) -> tuple[str, list[str], int]:
+    """A long run started on the one worker, which also holds two short runs behind it: ``(long, held, pid)``."""
+    long = await driver.submit(nap, seconds=60)
+    held = [await driver.submit(whoami) for _ in range(2)]
+    await driver.started(long)
+    pid = driver.adapter.running_pid(long)
     assert pid is not None
-    await wait_for(lambda: {one_worker.adapter.running_pid(run_id) for run_id in held} == {pid})
+    await wait_for(lambda: {driver.adapter.running_pid(run_id) for run_id in held} == {pid})
+    return long, held, pid
+
+
+async def test_cancelling_a_running_run_requeues_what_its_worker_held(one_worker: Driver) -> None:
+    long, held, pid = await _long_run_holding_two(one_worker)
     await one_worker.executor.send({"type": "cancel_task", "run_id": long, "task_id": None})
     assert (await one_worker.outcome(long, timeout=10))["type"] == "task_cancelled"
     assert not psutil.pid_exists(pid)
@@ -110,12 +116,7 @@ async def test_cancelling_a_running_run_requeues_what_its_worker_held(one_worker
 
 
 async def test_a_worker_killed_while_holding_runs_reports_each_lost(one_worker: Driver) -> None:
-    long = await one_worker.submit(nap, seconds=60)
-    held = [await one_worker.submit(whoami) for _ in range(2)]
-    await one_worker.started(long)
-    pid = one_worker.adapter.running_pid(long)
-    assert pid is not None
-    await wait_for(lambda: {one_worker.adapter.running_pid(run_id) for run_id in held} == {pid})
+    long, held, pid = await _long_run_holding_two(one_worker)
     os.kill(pid, signal.SIGKILL)
     for run_id in [long, *held]:
         lost = await one_worker.outcome(run_id, timeout=5)
@@ -132,6 +133,7 @@ async def test_prefetch_must_be_a_positive_integer_and_a_refused_start_leaves_no
             await executor.start(environment_name="procs", environment_config=config, run_config={})
         assert executor.server is not None and executor.callback_socket is not None
         port = urlsplit(executor.server.public_url or "").port
+        assert port is not None
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         assert not os.path.exists(executor.callback_socket)
