@@ -1,10 +1,11 @@
-"""A bare pipeline on the parts the ``process`` backend is built from: the floor its design allows.
+"""A bare pipeline on the parts the ``process`` backend is built from, one request per run: the floor of that design.
 
 A thread runs an event loop (the runtime's loop kind) with aiohttp's low-level server on a Unix socket and worker
 subprocesses fed JSON lines on their stdin; each worker unpickles its arguments, runs the function, and posts a
 plain JSON frame over a raw keep-alive socket; the handler unpickles the result and hands the next line to that
 worker. No run records, credentials, delivery policies, envelope, retries or HTTP parser on the worker side, so it
-is not a backend: it only shows what the same processes, pipes and HTTP exchange cost by themselves.
+is not a backend: it only shows what the same processes, pipes and HTTP exchange cost by themselves when every run
+has its own request and its own pipe write (the ``process`` pool itself batches both while runs are short).
 
 Used by ``benchmarks/process_backend.py --bare``.
 """
