@@ -77,6 +77,31 @@ async def test_outcomes_of_short_runs_do_not_wait_for_a_long_one(one_worker: Dri
     assert (await one_worker.outcome(long))["type"] == "task_result"
 
 
+async def test_an_idle_worker_takes_back_a_run_waiting_behind_a_long_one(tmp_path: Path) -> None:
+    driver = await start_driver({"max_workers": 2, "min_workers": 2, "prefetch": 4})
+    try:
+        for n in range(5):
+            await driver.run(add, a=n, b=0)
+        first, second = tmp_path / "first", tmp_path / "second"
+        long = await driver.submit(wait_for_file, path=str(first))
+        short_long = await driver.submit(wait_for_file, path=str(second))
+        behind = await driver.submit(whoami)
+        long_pid, other_pid = driver.adapter.running_pid(long), driver.adapter.running_pid(short_long)
+        assert long_pid is not None and other_pid is not None and long_pid != other_pid
+        assert driver.adapter.running_pid(behind) in (long_pid, other_pid)  # held behind one of them
+        holder = driver.adapter.running_pid(behind)
+        (first if holder == other_pid else second).touch()  # the worker not holding it runs out of work first
+        free_pid = long_pid if holder == other_pid else other_pid
+        assert (await driver.outcome(behind, timeout=10))["result"] == free_pid
+        assert "task_result" not in driver.kinds(long if holder == long_pid else short_long)  # still blocked
+        first.touch()
+        second.touch()
+        assert (await driver.outcome(long))["result"] == long_pid
+        assert (await driver.outcome(short_long))["result"] == other_pid
+    finally:
+        await driver.close()
+
+
 async def test_recalling_a_waiting_run_leaves_its_worker_alone(one_worker: Driver, tmp_path: Path) -> None:
     release, marker = tmp_path / "release", tmp_path / "ran"
     long = await one_worker.submit(wait_for_file, path=str(release))

@@ -4,14 +4,15 @@ Protocol, one JSON object per line (payloads are JSON-safe, so a line never cont
 
 - parent -> worker: ``{"op": "init", "entrypoint": "module:function", "flush_every": n}`` once, then
   ``{"op": "run", "payload": {...}}`` per run (the pool may hand over several before the first ends: its prefetch)
-  and ``{"op": "recall", "run_id"}`` to take back a run it handed over. End of input means exit.
+  and ``{"op": "recall", "run_id"}`` to take back a run it handed over (with ``"steal": true``, only if it has not
+  started: another worker is idle). End of input means exit.
 - worker -> parent: ``{"op": "ready", "pid", "host"}`` once imports are warm. A run whose terminal frame reached the
   callback server needs no line: the pool hears of it from the executor (``ProcessAdapter.run_ended``). Any other
   run ends with ``{"op": "free", "run_id"}``, and ``{"op": "undelivered", "run_id"}`` follows when its outcome
   could not be posted. A recall is answered with ``{"op": "recalled", "run_id", "state", "held"}``: ``"queued"``
   (dropped before it started), ``"running"`` (the worker starts nothing more; ``held`` lists the runs it had not
   started, and every earlier outcome has been answered by the server, so the pool may kill it now) or ``"gone"``
-  (it had already ended).
+  (it had already ended). A steal is answered the same way, with ``"steal": true``; it never stops the worker.
 
 The worker runs each payload through the same entrypoint real backends use, so events travel back over the
 callback HTTP server, never over this pipe. With wove's own entrypoint, the terminal frames of consecutive short
@@ -110,13 +111,16 @@ class _Runs:
             self.current = None
             return bool(self.waiting)
 
-    def recall(self, run_id: Any) -> tuple[str, list[Any]]:
+    def recall(self, run_id: Any, halt: bool) -> tuple[str, list[Any]]:
+        """Drop ``run_id`` if it waits; if it runs and ``halt``, start nothing more and list what waits."""
         with self.cond:
             for index, (waiting_id, _) in enumerate(self.waiting):
                 if waiting_id == run_id:
                     del self.waiting[index]
                     return "queued", []
             if self.current == run_id:
+                if not halt:
+                    return "running", []
                 self.halted = True
                 return "running", [waiting_id for waiting_id, _ in self.waiting]
             return "gone", []
@@ -155,10 +159,12 @@ def _read(proto_in: IO[bytes], runs: _Runs, lines: _Lines, outbox: Any) -> None:
             payload = message["payload"]
             runs.add(payload.get("run_id"), payload)
         elif op == "recall":
-            state, held = runs.recall(message.get("run_id"))
-            if state != "queued" and outbox is not None:
+            steal = message.get("steal") is True
+            state, held = runs.recall(message.get("run_id"), halt=not steal)
+            if state != "queued" and not steal and outbox is not None:
                 outbox.flush()  # every earlier outcome is answered before the pool acts on the reply
-            lines.send({"op": "recalled", "run_id": message.get("run_id"), "state": state, "held": held})
+            answer = {"op": "recalled", "run_id": message.get("run_id"), "state": state, "held": held}
+            lines.send({**answer, "steal": True} if steal else answer)
     runs.close()
 
 

@@ -8,7 +8,9 @@ pipe write to an already-warm worker is the cheapest hand-off there is.
 
 While runs are short (the median of the last few under ``PREFETCH_BELOW`` seconds), a worker holds up to
 ``prefetch`` runs at a time: the one it runs and the next ones, waiting in its pipe. Longer runs go out one per
-worker, so a run never waits behind a long one while another worker idles. A run is over for the pool once its
+worker. When runs turn out uneven and a worker runs out of work while another still holds runs it has not
+started, the idle one takes the last of them back (a ``recall`` that leaves a running run alone), so a run does not
+wait behind a long one while a worker idles. A run is over for the pool once its
 terminal frame has reached the executor, which tells the pool (``run_ended``); when a worker holds half its
 ``prefetch`` or fewer, the pool tops it up with one pipe write. The worker, in turn, posts
 the outcomes of consecutive short runs together (pipelined requests on one connection, each with its own run's
@@ -88,6 +90,7 @@ class _Job:
     worker: _Worker | None = None
     cancelled: bool = False
     ended: bool = False  # its terminal frame reached the executor
+    stolen: bool = False  # an idle worker asked for it once (see ProcessAdapter._steal)
 
 
 @dataclass(eq=False)
@@ -131,6 +134,7 @@ class ProcessAdapter(BackendAdapter):
         self._jobs: dict[str, _Job] = {}
         self._workers: set[_Worker] = set()
         self._recalls: dict[str, tuple[_Worker, asyncio.Future[None], asyncio.TimerHandle]] = {}
+        self._steals: dict[str, tuple[_Worker, asyncio.TimerHandle]] = {}
         self._spawning = 0
         self._spawners: set[asyncio.Task[None]] = set()
         self._startup_failures = 0
@@ -207,6 +211,9 @@ class ProcessAdapter(BackendAdapter):
 
     def _recalled(self, worker: _Worker, message: dict[str, Any]) -> None:
         run_id = str(message.get("run_id"))
+        if message.get("steal"):
+            self._stolen(worker, run_id, message.get("state") == "queued")
+            return
         entry = self._recalls.pop(run_id, None)
         if entry is None:
             return
@@ -231,6 +238,46 @@ class ProcessAdapter(BackendAdapter):
         self._doom(worker)
         worker.exited.add_done_callback(lambda _: _resolve(answered))
         self._dispatch()
+
+    def _steal(self) -> None:
+        """Workers with nothing to do ask the worker holding the most runs for the last one it has not started."""
+        for worker in self._workers:
+            if worker.jobs or not worker.ready or worker.doomed or worker.process.returncode is not None:
+                continue
+            donors = [w for w in self._workers if len(w.jobs) > 1 and not w.doomed and not w.recalls]
+            if not donors:
+                return
+            donor = max(donors, key=lambda w: len(w.jobs))
+            job = next((j for j in reversed(donor.jobs.values()) if not j.stolen), None)
+            if job is None:
+                return
+            job.stolen = True
+            donor.recalls += 1
+            overdue = asyncio.get_running_loop().call_later(RECALL_TIMEOUT, self._steal_overdue, job.run_id)
+            self._steals[job.run_id] = (donor, overdue)
+            line = {"op": "recall", "run_id": job.run_id, "steal": True}
+            self._write(donor, _encode_line(line).encode() + b"\n")
+
+    def _stolen(self, donor: _Worker, run_id: str, dropped: bool) -> None:
+        """The answer to a steal: a run the donor had not started goes back to the front of the queue."""
+        entry = self._steals.pop(run_id, None)
+        if entry is None:
+            return
+        entry[1].cancel()
+        donor.recalls -= 1
+        job = donor.jobs.pop(run_id, None) if dropped else None
+        if job is not None:
+            job.worker = None
+            if job.cancelled:
+                self._jobs.pop(run_id, None)
+            else:
+                self._queue.appendleft(job)
+        self._dispatch()
+
+    def _steal_overdue(self, run_id: str) -> None:
+        entry = self._steals.pop(run_id, None)
+        if entry is not None:
+            entry[0].recalls -= 1
 
     def _recall_overdue(self, worker: _Worker, run_id: str) -> None:
         entry = self._recalls.pop(run_id, None)
@@ -316,6 +363,8 @@ class ProcessAdapter(BackendAdapter):
                 given.setdefault(worker, []).append(job.line)
             for worker, lines in given.items():
                 self._write(worker, b"".join(lines))
+        if not self._queue and self._jobs:
+            self._steal()
         starting = self._spawning + sum(1 for w in self._workers if not w.ready)
         room = self.max_workers - len(self._workers) - self._spawning
         for _ in range(min(room, len(self._queue) - starting)):
@@ -419,6 +468,10 @@ class ProcessAdapter(BackendAdapter):
                 del self._recalls[run_id]
                 overdue.cancel()
                 _resolve(answered)
+        for run_id, (donor, overdue) in list(self._steals.items()):
+            if donor is worker:
+                del self._steals[run_id]
+                overdue.cancel()
         worker.exited.set_result(code)
         if self._closed:
             return
