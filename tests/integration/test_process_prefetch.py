@@ -53,11 +53,12 @@ async def test_short_runs_are_handed_out_several_at_a_time() -> None:
     try:
         for n in range(5):  # the first run is slow (imports); the pool judges by the median of the last few
             await driver.run(add, a=n, b=0)
-        held = []
+        held = []  # after each submission: how many runs each worker holds, by pid
         run_ids = []
         for n in range(40):
             run_ids.append(await driver.submit(add, a=n, b=n))
-            held.append(max((len(worker.jobs) for worker in driver.adapter._workers), default=0))
+            pids = [driver.adapter.running_pid(run_id) for run_id in run_ids]
+            held.append(max((pids.count(pid) for pid in set(pids) if pid is not None), default=0))
         results = [(await driver.outcome(run_id))["result"] for run_id in run_ids]
         assert results == [2 * n for n in range(40)]
         assert max(held) > 1, "no worker ever held more than one run"
