@@ -113,7 +113,7 @@ async def test_an_entry_with_a_forged_credential_is_refused_alone_and_never_unpi
 
 
 async def test_entries_answer_as_posts_to_their_urls_would(server: BackendCallbackServer) -> None:
-    url = server.open_run("a")
+    url, url_b = server.open_run("a"), server.open_run("b")
     master = server.callback_url
     assert master is not None
     body = _batch(
@@ -121,6 +121,7 @@ async def test_entries_answer_as_posts_to_their_urls_would(server: BackendCallba
             (url, _frame("task_result", "a", result=1)),
             (url, _frame("task_result", "a", result=2)),  # the run closed with the first
             (url, _frame("heartbeat", "other")),
+            (url_b, _frame("heartbeat", "a")),  # run a's frame on run b's URL
             (master, _frame("heartbeat", "a")),  # the master URL is never a batch entry
         ]
     )
@@ -130,6 +131,7 @@ async def test_entries_answer_as_posts_to_their_urls_would(server: BackendCallba
         {"status": "accepted"},
         {"code": 403, "error": "run_not_pending"},
         {"code": 403, "error": "run_not_pending"},
+        {"code": 403, "error": "run_mismatch"},
         {"code": 400, "error": "bad_batch"},
     ]
     assert (await recv(server))["result"] == 1
