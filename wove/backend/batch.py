@@ -16,13 +16,16 @@ from collections.abc import Sequence
 
 from wove.backend.codec import EncodedFrame, FrameError
 
-__all__ = ["BATCH_CONTENT_TYPE", "BATCH_PATH", "batch_path", "encode_batch", "split_batch"]
+__all__ = ["BATCH_CONTENT_TYPE", "BATCH_PATH", "MAX_ENTRIES", "batch_path", "encode_batch", "split_batch"]
 
 BATCH_CONTENT_TYPE = "application/vnd.wove.batch"
 #: The batch endpoint, under the server's base URL.
 BATCH_PATH = "/wove/batch"
 #: Longest entry line the server reads (a path with a run id and a credential, a content type, a length).
 MAX_LINE = 4096
+#: Most entries one batch may hold: the server takes them one after another on its event loop, so a batch of
+#: thousands of tiny (or forged) entries would hold the loop for too long. Clients send larger sets in several.
+MAX_ENTRIES = 256
 
 
 def batch_path(run_path: str) -> str:
@@ -65,6 +68,8 @@ def split_batch(body: bytes | bytearray) -> list[tuple[str, str, bytes | bytearr
         except UnicodeDecodeError:
             raise FrameError("bad_batch", f"entry {len(entries)}: header line is not ASCII") from None
         entries.append((path, content_type, body[start : start + length]))
+        if len(entries) > MAX_ENTRIES:
+            raise FrameError("bad_batch", f"a batch holds at most {MAX_ENTRIES} frames")
         at = start + length
     if not entries:
         raise FrameError("bad_batch", "a batch holds at least one frame")

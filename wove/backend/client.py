@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from wove.backend.batch import batch_path, encode_batch
+from wove.backend.batch import MAX_ENTRIES, batch_path, encode_batch
 from wove.backend.codec import EncodedFrame, encode_frame
 from wove.backend.delivery import (
     Attempts,
@@ -285,10 +285,16 @@ class CallbackConnection:
         """Deliver frames of several runs of this server in one request (:mod:`wove.backend.batch`).
 
         Each frame travels with its own run URL's path and credential and is checked by the server on its own, as
-        :meth:`post` would have it checked. The request is retried like a post (the server drops what it already
-        has). A server that takes no batch (400, 404, 405, 413, 415) gets the frames one by one instead. Returns, per
-        frame, ``None`` or the :class:`CallbackError` that frame met.
+        :meth:`post` would have it checked, at most ``MAX_ENTRIES`` to a request. The request is retried like a post
+        (the server drops what it already has). A server that takes no batch (400, 404, 405, 413, 415) gets the
+        frames one by one instead. Returns, per frame, ``None`` or the :class:`CallbackError` that frame met.
         """
+        if len(held) > MAX_ENTRIES:
+            return [
+                error
+                for start in range(0, len(held), MAX_ENTRIES)
+                for error in self.post_many(held[start : start + MAX_ENTRIES])
+            ]
         self.settle()
         paths = [parse_target(item.url).path for item in held]
         if len(held) == 1:

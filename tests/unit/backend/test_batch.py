@@ -14,7 +14,7 @@ from tests.unit.backend import backend_tasks
 from tests.unit.backend.conftest import no_frame, raw_post, recv
 from tests.unit.backend.test_client import fake_server
 from wove.backend import BackendCallbackServer, codec
-from wove.backend.batch import BATCH_CONTENT_TYPE, batch_path, encode_batch, split_batch
+from wove.backend.batch import BATCH_CONTENT_TYPE, MAX_ENTRIES, batch_path, encode_batch, split_batch
 from wove.backend.client import CallbackConnection, HeldFrame
 from wove.backend.outbox import Outbox
 from wove.backend.wire import COALESCE
@@ -65,6 +65,27 @@ def test_malformed_batches_are_refused(body: bytes) -> None:
     with pytest.raises(codec.FrameError) as caught:
         split_batch(body)
     assert caught.value.reason == "bad_batch"
+
+
+def test_a_batch_holds_a_bounded_number_of_frames() -> None:
+    encoded = codec.encode_frame(_frame("heartbeat", "a"))
+    split_batch(b"".join(bytes(p) for p in encode_batch([("/wove/runs/a/s", encoded)] * MAX_ENTRIES).parts))
+    with pytest.raises(codec.FrameError, match=f"at most {MAX_ENTRIES}"):
+        split_batch(b"".join(bytes(p) for p in encode_batch([("/wove/runs/a/s", encoded)] * (MAX_ENTRIES + 1)).parts))
+
+
+async def test_post_many_sends_a_large_set_in_several_batches() -> None:
+    sizes: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        entries = split_batch(await request.read())  # a single post here would fail the test: not a batch
+        sizes.append(len(entries))
+        return web.json_response([{"status": "accepted"}] * len(entries))
+
+    async with fake_server(handler) as url:
+        held = [_held(url, _frame("heartbeat", "r", n=n)) for n in range(MAX_ENTRIES + 3)]
+        assert await asyncio.to_thread(_post_many, url, held) == [None] * len(held)
+    assert sizes == [MAX_ENTRIES, 3]
 
 
 def test_the_batch_endpoint_sits_beside_the_runs() -> None:
