@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from tests.integration.test_process_backend import Driver, add, nap, start_driver, wait_for, whoami
 from wove.environment.remote import BackendAdapterEnvironmentExecutor
 from wove.errors import ConfigError, DeliveryLostError
+from wove.integrations.process import ProcessAdapter
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +165,37 @@ async def test_prefetch_must_be_a_positive_integer_and_a_refused_start_leaves_no
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         assert not os.path.exists(executor.callback_socket)
+
+
+#: A worker that speaks the pool's protocol as an earlier wove did: one run at a time, no recalls.
+PLAIN_WORKER = r"""
+import json, os, socket, sys
+from wove.backend.worker import run_backend_payload
+init = json.loads(sys.stdin.readline())
+print(json.dumps({"op": "ready", "pid": os.getpid(), "host": socket.gethostname()}), flush=True)
+for line in sys.stdin:
+    message = json.loads(line)
+    try:
+        run_backend_payload(message["payload"])
+    finally:
+        print(json.dumps({"op": "free", "run_id": message["payload"]["run_id"]}), flush=True)
+"""
+
+
+class PlainWorkerPool(ProcessAdapter):
+    def _worker_command(self) -> list[str]:
+        return [sys.executable, "-c", PLAIN_WORKER]
+
+
+async def test_a_worker_that_does_not_answer_recalls_gets_one_run_at_a_time() -> None:
+    driver = await start_driver({"max_workers": 1, "prefetch": 4}, PlainWorkerPool)
+    try:
+        for n in range(5):
+            await driver.run(add, a=n, b=0)
+        run_ids = [await driver.submit(add, a=n, b=n) for n in range(10)]
+        held = [sum(driver.adapter.running_pid(run_id) is not None for run_id in run_ids)]
+        results = [(await driver.outcome(run_id))["result"] for run_id in run_ids]
+        assert results == [2 * n for n in range(10)]
+        assert held == [1]
+    finally:
+        await driver.close()

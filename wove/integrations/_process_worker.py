@@ -6,7 +6,8 @@ Protocol, one JSON object per line (payloads are JSON-safe, so a line never cont
   ``{"op": "run", "payload": {...}}`` per run (the pool may hand over several before the first ends: its prefetch)
   and ``{"op": "recall", "run_id"}`` to take back a run it handed over (with ``"steal": true``, only if it has not
   started: another worker is idle). End of input means exit.
-- worker -> parent: ``{"op": "ready", "pid", "host"}`` once imports are warm. A run whose terminal frame reached the
+- worker -> parent: ``{"op": "ready", "pid", "host", "recalls": true}`` once imports are warm (``recalls``: it
+  answers recalls, so the pool may hand it several runs at once). A run whose terminal frame reached the
   callback server needs no line: the pool hears of it from the executor (``ProcessAdapter.run_ended``). Any other
   run ends with ``{"op": "free", "run_id"}``, and ``{"op": "undelivered", "run_id"}`` follows when its outcome
   could not be posted. A recall is answered with ``{"op": "recalled", "run_id", "state", "held"}``: ``"queued"``
@@ -145,7 +146,7 @@ def main() -> int:
     reader = threading.Thread(target=_read, args=(proto_in, runs, lines, outbox), name="wove-pipe", daemon=True)
     thread.start()
     reader.start()
-    lines.send({"op": "ready", "pid": os.getpid(), "host": socket.gethostname()})
+    lines.send({"op": "ready", "pid": os.getpid(), "host": socket.gethostname(), "recalls": True})
     thread.join()
     return codes[0] if codes else 1
 

@@ -101,6 +101,7 @@ class _Worker:
     jobs: dict[str, _Job] = field(default_factory=dict)  # the runs handed to it and not over, in order
     recalls: int = 0  # recalls awaiting an answer: it gets no new runs meanwhile
     since: float = 0.0  # when the run it is on began to occupy it (handed over idle, or the previous one ended)
+    prefetches: bool = False  # it answers recalls (a worker of an earlier wove does not): it may hold several runs
     doomed: bool = False  # killed, or about to be
     reader: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -376,12 +377,13 @@ class ProcessAdapter(BackendAdapter):
         best: _Worker | None = None
         for worker in self._workers:
             held = len(worker.jobs)
+            most = limit if worker.prefetches else 1
             if (
                 worker.ready
                 and not worker.doomed
                 and not worker.recalls
-                and held < limit
-                and (held <= limit // 2 or worker in given)
+                and held < most
+                and (held <= most // 2 or worker in given)
                 and worker.process.returncode is None
                 and (best is None or held < len(best.jobs))
             ):
@@ -447,6 +449,7 @@ class ProcessAdapter(BackendAdapter):
                 self._dispatch()
             elif op == "ready":
                 worker.ready = True
+                worker.prefetches = message.get("recalls") is True
                 self._startup_failures = 0
                 self._dispatch()
         code = await worker.process.wait()
