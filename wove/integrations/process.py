@@ -7,22 +7,21 @@ than ``multiprocessing``) are used because spawning never re-imports the user's 
 pipe write to an already-warm worker is the cheapest hand-off there is.
 
 While runs are short (the median of the last few under ``PREFETCH_BELOW`` seconds), a worker holds up to
-``prefetch`` runs at a time: the one it runs and the next ones, waiting in its pipe. Longer runs go out one per
-worker. When runs turn out uneven and a worker runs out of work while another still holds runs it has not
-started, the idle one takes the last of them back (a ``recall`` that leaves a running run alone), so a run does not
-wait behind a long one while a worker idles. A run is over for the pool once its
-terminal frame has reached the executor, which tells the pool (``run_ended``); when a worker holds half its
-``prefetch`` or fewer, the pool tops it up with one pipe write. The worker, in turn, posts
-the outcomes of consecutive short runs together (pipelined requests on one connection, each with its own run's
-credential), so a burst of small tasks costs a round trip per few runs on both sides instead of one per run. The
-worker writes ``free`` itself only when a run ended without a terminal frame (its payload could not load, or its
-outcome could not be delivered).
+``prefetch`` runs at a time: the one it runs and the next ones, waiting in its pipe; when it holds half of that or
+fewer, the pool tops it up with one pipe write. Longer runs go out one per worker. A run is over for the pool once
+its terminal frame has reached the executor, which tells the pool (``run_ended``). The worker posts the outcomes of
+consecutive short runs together, as one batch request in which each frame keeps its own run's credential
+(:mod:`wove.backend.batch`), so a burst of small tasks costs one request per few runs on both sides. The worker
+writes ``free`` itself only when a run ended without a terminal frame (its payload could not load, or its outcome
+could not be delivered).
 
-Taking a run back (a cancel, or a run the weave gave up on): a worker that holds only that run is killed, as
-before. One that holds others is asked first (``recall``): a run still waiting is dropped without killing anyone;
-a running one makes the worker post what it holds and start nothing more, then it is killed and the runs it had not
-started go back to the front of the queue. A worker that dies on its own takes the runs it held with it: each is
-reported lost (``DeliveryLostError``; the task's ``retries`` decide), as a started run always was.
+Taking a run back (a cancel, or a run the weave gave up on): a worker that holds only that run is killed. One that
+holds others is asked first (``recall``): a run still waiting is dropped without killing anyone; a running one
+makes the worker post what it holds and start nothing more, then it is killed and the runs it had not started go
+back to the front of the queue. When runs turn out uneven and a worker runs out of work while another still holds
+runs it has not started, the idle one takes the last of them (a recall that leaves a running run alone), so a run
+does not wait behind a long one while a worker idles. A worker that dies on its own takes the runs it held with
+it: each is reported lost (``DeliveryLostError``; the task's ``retries`` decide).
 
 Config keys (``executor_config``): ``max_workers``/``workers`` (pool size, default ``os.cpu_count()``),
 ``min_workers`` (started eagerly by ``start``, default 1), ``prefetch`` (runs a worker holds at a time, default
