@@ -1,10 +1,10 @@
-"""Terminal frames a worker holds back, so that the frames of several short runs reach the server in one write.
+"""Terminal frames a worker holds back, so that the frames of several short runs reach the server in one request.
 
 A worker that is handed several runs at once (the ``process`` pool's prefetch) runs them one after another. Posting
-each run's outcome and waiting for the answer before the next run costs a round trip per run on both sides; held
-here instead, the outcomes of a few runs go out together as pipelined requests on one connection
-(:meth:`~wove.backend.client.CallbackConnection.post_many`): each to its own run's URL with its own credential, as
-:meth:`~wove.backend.client.CallbackConnection.post` would send it, so the server's checks are unchanged.
+each run's outcome and waiting for the answer before the next run costs a request and a round trip per run on both
+sides; held here instead, the outcomes of a few runs go out together as one batch request
+(:meth:`~wove.backend.client.CallbackConnection.post_many`, :mod:`wove.backend.batch`): each frame with its own
+run's URL path and credential, checked by the server as if posted alone.
 
 The owner decides when to flush (:meth:`Outbox.due`, and before it waits for work or hands a run back); a large
 frame is never held. Flushes are serialised: when :meth:`Outbox.flush` returns, everything held before the call has
