@@ -249,6 +249,10 @@ class BackendAdapterEnvironmentExecutor(EnvironmentExecutor):
             await asyncio.gather(asyncio.shield(run.submitting), return_exceptions=True)
             if run.run_id not in self._runs:
                 return  # the submission failed and already ended the run
+        if self.server is not None:
+            # First, so a worker that picks the run up while the backend is still being told is refused its
+            # task_started (and, on backends whose workers wait for that answer, never runs the task).
+            self.server.close_run(run.run_id)
         try:
             await self.adapter.cancel(run.run_id, run.submission, frame)
         except Exception:
