@@ -37,7 +37,7 @@ class Outbox:
         self.size = max(size, 1)
         self.max_age = max_age
         self.undelivered = undelivered
-        self._held: list[tuple[tuple[str, str, int, str | None], str | None, HeldFrame]] = []
+        self._held: list[tuple[tuple[str, str, int, str | None], HeldFrame]] = []  # (connection route, frame)
         self._since = 0.0
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
@@ -55,7 +55,7 @@ class Outbox:
         with self._lock:
             if not self._held:
                 self._since = time.monotonic()
-            self._held.append((conn.route, conn.unix_socket, HeldFrame(conn.url, summary, encoded)))
+            self._held.append((conn.route, HeldFrame(conn.url, summary, encoded)))
 
     def due(self) -> bool:
         """Whether enough frames are held, or the oldest has waited long enough, to flush now."""
@@ -69,12 +69,12 @@ class Outbox:
                 held, self._held = self._held, []
             start = 0
             while start < len(held):  # frames for one server share its connection (a worker has one server)
-                route, unix_socket, _ = held[start]
+                route = held[start][0]
                 end = start + 1
                 while end < len(held) and held[end][0] == route:
                     end += 1
-                batch = [item for _, _, item in held[start:end]]
-                with CallbackConnection(batch[0].url, unix_socket=unix_socket) as conn:
+                batch = [item for _, item in held[start:end]]
+                with CallbackConnection(batch[0].url, unix_socket=route[3]) as conn:
                     errors = conn.post_many(batch)
                 for item, error in zip(batch, errors, strict=True):
                     if error is not None:

@@ -229,11 +229,7 @@ class ProcessAdapter(BackendAdapter):
             return
         held = [worker.jobs.pop(str(held_id)) for held_id in message.get("held") or () if str(held_id) in worker.jobs]
         for job in reversed(held):  # never started: first in line again, on another worker
-            job.worker = None
-            if job.cancelled:
-                self._jobs.pop(job.run_id, None)
-            else:
-                self._queue.appendleft(job)
+            self._take_back(job)
         logger.debug("killing worker %d to stop run %s (%d held runs requeued)", worker.pid, run_id, len(held))
         self._doom(worker)
         worker.exited.add_done_callback(lambda _: _resolve(answered))
@@ -267,12 +263,16 @@ class ProcessAdapter(BackendAdapter):
         donor.recalls -= 1
         job = donor.jobs.pop(run_id, None) if dropped else None
         if job is not None:
-            job.worker = None
-            if job.cancelled:
-                self._jobs.pop(run_id, None)
-            else:
-                self._queue.appendleft(job)
+            self._take_back(job)
         self._dispatch()
+
+    def _take_back(self, job: _Job) -> None:
+        """A run a worker gave back before starting it: first in line again, unless it was cancelled meanwhile."""
+        job.worker = None
+        if job.cancelled:
+            self._jobs.pop(job.run_id, None)
+        else:
+            self._queue.appendleft(job)
 
     def _steal_overdue(self, run_id: str) -> None:
         entry = self._steals.pop(run_id, None)
